@@ -1,0 +1,1 @@
+//! `/etc/dpuctl/config.toml`.

@@ -1,0 +1,1 @@
+//! udsproxyd: the cross-host Unix domain socket proxy.

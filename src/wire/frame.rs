@@ -1,0 +1,1 @@
+//! Frames: a fixed header followed by raw payload bytes.

@@ -1,0 +1,4 @@
+//! The pre-shared key file.
+
+/// A pre-shared key (32 random bytes).
+pub struct Psk {}
