@@ -74,3 +74,46 @@ pub trait ControlHandler: Send + Sync + 'static {
         req: Request,
     ) -> futures::future::BoxFuture<'static, Result<serde_json::Map<String, serde_json::Value>, String>>;
 }
+
+/// Default directory of control sockets and lock files.
+pub const DEFAULT_RUN_DIR: &str = "/var/run/qtfs";
+
+/// Errors of a control-socket client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("todo")]
+    Todo,
+}
+
+/// A client of one daemon's control socket.
+pub struct Client {}
+
+impl Client {
+    /// Connects to the control socket at `path`.
+    pub async fn connect(_path: &std::path::Path) -> Result<Client, ControlError> {
+        todo!()
+    }
+    /// Sends one request and reads its answer; `{"ok":false}` becomes an error carrying the
+    /// daemon's message. On success returns the answer's fields without `ok`.
+    pub async fn request(
+        &mut self,
+        _req: &Request,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ControlError> {
+        todo!()
+    }
+    /// After a `logs` request: the next streamed event, `None` when the daemon closed.
+    pub async fn next_event(&mut self) -> Result<Option<super::logring::LogEvent>, ControlError> {
+        todo!()
+    }
+}
+
+/// The control sockets found in `run_dir`: `(daemon name, socket path)`, sorted by name.
+/// Sockets are named `<name>.ctl` (`engine.ctl`, `udsproxyd.ctl`, `mount-<pid>.ctl`).
+pub fn discover(_run_dir: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    todo!()
+}
+
+/// The control socket path of daemon `name` in `run_dir`.
+pub fn socket_path(run_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    run_dir.join(format!("{name}.ctl"))
+}

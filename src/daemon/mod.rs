@@ -4,4 +4,5 @@
 //! - [`control`]: the JSON control socket: protocol, server, client, discovery.
 
 pub mod control;
+pub mod logring;
 pub mod status;
