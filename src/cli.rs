@@ -1,9 +1,548 @@
-//! argv[0] / subcommand dispatch.
+//! argv[0] / subcommand dispatch, and the small tools that belong to no bridge:
+//! `dpuctl install`, `dpuctl keygen`, `dpuctl config check|show`.
+//!
+//! Every tool owns its clap parser and takes its whole argv (`args[0]` is the name it was
+//! called by), so `qtcfg -z` and `dpuctl qtcfg -z` reach the same code with the same flags.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand};
+
+/// A tool of the multi-call binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    Engine,
+    Udsproxyd,
+    Qtcfg,
+    Status,
+    Logs,
+    Install,
+    Keygen,
+    Config,
+}
+
+/// The names under which the binary is installed as a link, and the tool each selects.
+pub const LINK_NAMES: &[(&str, Tool)] = &[
+    ("engine", Tool::Engine),
+    ("udsproxyd", Tool::Udsproxyd),
+    ("qtcfg", Tool::Qtcfg),
+];
+
+/// The tool an argv[0] basename selects, if it is one of the link names.
+pub fn tool_for_name(argv0: &OsStr) -> Option<Tool> {
+    let base = Path::new(argv0).file_name()?.to_str()?;
+    LINK_NAMES
+        .iter()
+        .find(|(name, _)| *name == base)
+        .map(|(_, tool)| *tool)
+}
+
 /// Runs the tool named by argv[0]'s basename or, for `dpuctl`, by the first argument.
-pub fn dispatch(_args: Vec<OsString>) -> ExitCode {
-    ExitCode::SUCCESS
+pub fn dispatch(args: Vec<OsString>) -> ExitCode {
+    let argv0 = args.first().cloned().unwrap_or_else(|| "dpuctl".into());
+    if let Some(tool) = tool_for_name(&argv0) {
+        return run(tool, args);
+    }
+    let top = match Top::try_parse_from(args.iter().take(2)) {
+        Ok(top) => top,
+        Err(e) => return clap_exit(e),
+    };
+    // The tool sees "dpuctl <tool>" as its name and every argument after the tool's name.
+    let tool_name = args.get(1).cloned().unwrap_or_default();
+    let mut tool_args: Vec<OsString> = vec![format!("dpuctl {}", tool_name.to_string_lossy()).into()];
+    tool_args.extend(args.into_iter().skip(2));
+    run(top.tool.tool(), tool_args)
+}
+
+fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
+    match tool {
+        Tool::Engine => crate::daemon::engine::main(args),
+        Tool::Udsproxyd => crate::uds::main(args),
+        Tool::Qtcfg => crate::allowlist::qtcfg::main(args),
+        Tool::Status => crate::daemon::tools::status_main(args),
+        Tool::Logs => crate::daemon::tools::logs_main(args),
+        Tool::Install => install_main(args),
+        Tool::Keygen => keygen_main(args),
+        Tool::Config => config_main(args),
+    }
+}
+
+/// Prints a clap error or help the way clap would and returns its exit code.
+pub fn clap_exit(e: clap::Error) -> ExitCode {
+    let code = e.exit_code();
+    let _ = e.print();
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
+}
+
+/// The top-level `dpuctl` command: only picks the tool; the tool parses the rest.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpuctl",
+    version,
+    about = "Run a machine's management plane on a DPU while its workloads stay on the HOST",
+    long_about = "dpuctl bridges a HOST and a DPU (or any second machine) so that dockerd, containerd, \
+kubelet or libvirtd can run on the DPU while the containers and VMs they manage run on the HOST: \
+a shared filesystem (qtfs), a Unix socket proxy (udsproxyd) and remote execution (rexec), all over \
+one authenticated link, guarded by default-deny allowlists.\n\n\
+Each tool is also reachable by its own name through a link (`dpuctl install` creates them): \
+engine, udsproxyd, qtcfg.",
+    after_help = "Run `dpuctl <tool> --help` for a tool's options.",
+    disable_help_subcommand = true
+)]
+struct Top {
+    #[command(subcommand)]
+    tool: TopTool,
+}
+
+/// Each variant swallows the tool's own arguments; the tool parses them.
+#[derive(Debug, Subcommand)]
+enum TopTool {
+    /// HOST-side server: file service for qtfs mounts, built-in udsproxyd peer, allowlists
+    Engine(Rest),
+    /// Cross-host Unix domain socket proxy peer
+    Udsproxyd(Rest),
+    /// Allowlist administration (add, delete, list), applied live
+    Qtcfg(Rest),
+    /// Status of every local daemon (--json for scripts)
+    Status(Rest),
+    /// Structured log events of the local daemons (-f to follow)
+    Logs(Rest),
+    /// Create the tool links (engine, qtcfg, mount.qtfs, ...) for this binary
+    Install(Rest),
+    /// Write a new pre-shared key file (mode 0600)
+    Keygen(Rest),
+    /// Check or show the configuration file
+    Config(Rest),
+}
+
+impl TopTool {
+    fn tool(&self) -> Tool {
+        match self {
+            TopTool::Engine(_) => Tool::Engine,
+            TopTool::Udsproxyd(_) => Tool::Udsproxyd,
+            TopTool::Qtcfg(_) => Tool::Qtcfg,
+            TopTool::Status(_) => Tool::Status,
+            TopTool::Logs(_) => Tool::Logs,
+            TopTool::Install(_) => Tool::Install,
+            TopTool::Keygen(_) => Tool::Keygen,
+            TopTool::Config(_) => Tool::Config,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
+struct Rest {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<OsString>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// dpuctl install
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpuctl install",
+    about = "Create the tool links for this binary",
+    long_about = "Copies this binary to PREFIX/bin/dpuctl (unless it already runs from there) and \
+creates the links engine, udsproxyd, qtcfg in PREFIX/bin and mount.qtfs in PREFIX/sbin, so that \
+`mount -t qtfs` finds its helper. Idempotent: links that are already right are left alone; a \
+different file in the way is an error unless --force.",
+    after_help = "Examples:\n  dpuctl install                 # /usr/bin/{dpuctl,engine,...}, /usr/sbin/mount.qtfs\n  dpuctl install --prefix /opt/dpuctl --dry-run"
+)]
+struct InstallArgs {
+    /// Installation prefix
+    #[arg(long, default_value = "/usr")]
+    prefix: PathBuf,
+    /// Replace files that are in the way
+    #[arg(long)]
+    force: bool,
+    /// Say what would be done, change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the actions as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `install` did (or would do) at one path.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstallAction {
+    pub path: PathBuf,
+    /// `copied`, `linked`, `unchanged` or `replaced`.
+    pub action: &'static str,
+    pub target: PathBuf,
+}
+
+/// Why `install` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot find this program's own path: {0}")]
+    CurrentExe(std::io::Error),
+    #[error("cannot create directory {path}: {source}")]
+    Mkdir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot copy {from} to {to}: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a link to dpuctl: remove it, or run again with --force")]
+    InTheWay { path: PathBuf },
+    #[error("cannot create link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The links `install` creates: (directory under the prefix, name, link target).
+fn install_links() -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut links: Vec<_> = LINK_NAMES
+        .iter()
+        .map(|(name, _)| ("bin", *name, "dpuctl"))
+        .collect();
+    links.push(("sbin", "mount.qtfs", "../bin/dpuctl"));
+    links
+}
+
+/// Installs the binary and its links under `prefix`; see [`InstallArgs`].
+pub fn install(
+    prefix: &Path,
+    exe: &Path,
+    force: bool,
+    dry_run: bool,
+) -> Result<Vec<InstallAction>, InstallError> {
+    let mut actions = Vec::new();
+    let bin = prefix.join("bin");
+    let installed = bin.join("dpuctl");
+    for dir in ["bin", "sbin"] {
+        let path = prefix.join(dir);
+        if !dry_run {
+            std::fs::create_dir_all(&path).map_err(|source| InstallError::Mkdir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    let same = match (std::fs::canonicalize(exe), std::fs::canonicalize(&installed)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        actions.push(InstallAction {
+            path: installed.clone(),
+            action: "unchanged",
+            target: exe.to_path_buf(),
+        });
+    } else {
+        if !dry_run {
+            // Copy beside the destination, then rename: a running dpuctl is never half-written.
+            let tmp = bin.join(format!(".dpuctl.install.{}", std::process::id()));
+            let copy_err = |source| InstallError::Copy {
+                from: exe.to_path_buf(),
+                to: installed.clone(),
+                source,
+            };
+            std::fs::copy(exe, &tmp).map_err(copy_err)?;
+            std::fs::rename(&tmp, &installed).map_err(|source| {
+                let _ = std::fs::remove_file(&tmp);
+                copy_err(source)
+            })?;
+        }
+        actions.push(InstallAction {
+            path: installed.clone(),
+            action: "copied",
+            target: exe.to_path_buf(),
+        });
+    }
+    for (dir, name, target) in install_links() {
+        let path = prefix.join(dir).join(name);
+        let target = PathBuf::from(target);
+        let action = match std::fs::symlink_metadata(&path) {
+            Err(_) => "linked",
+            Ok(meta) => {
+                let current = std::fs::read_link(&path).ok();
+                if meta.file_type().is_symlink() && current.as_deref() == Some(target.as_path()) {
+                    "unchanged"
+                } else if force || points_at(&path, &installed) {
+                    "replaced"
+                } else {
+                    return Err(InstallError::InTheWay { path });
+                }
+            }
+        };
+        if !dry_run && action != "unchanged" {
+            if action == "replaced" {
+                std::fs::remove_file(&path).map_err(|source| InstallError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            std::os::unix::fs::symlink(&target, &path).map_err(|source| InstallError::Link {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        actions.push(InstallAction {
+            path,
+            action,
+            target,
+        });
+    }
+    Ok(actions)
+}
+
+/// True when `path` resolves to the installed dpuctl (e.g. an absolute link to it).
+fn points_at(path: &Path, installed: &Path) -> bool {
+    match (std::fs::canonicalize(path), std::fs::canonicalize(installed)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn install_main(args: Vec<OsString>) -> ExitCode {
+    let a = match InstallArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    let result = std::env::current_exe()
+        .map_err(InstallError::CurrentExe)
+        .and_then(|exe| install(&a.prefix, &exe, a.force, a.dry_run));
+    match result {
+        Ok(actions) => {
+            if a.json {
+                let v = serde_json::json!({ "dry_run": a.dry_run, "actions": actions });
+                println!("{v}");
+            } else {
+                for act in &actions {
+                    println!(
+                        "{:<10} {} -> {}",
+                        act.action,
+                        act.path.display(),
+                        act.target.display()
+                    );
+                }
+                if a.dry_run {
+                    println!("(dry run: nothing was changed)");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("install", &e),
+    }
+}
+
+/// Prints `<tool>: <error>: <cause>...` on stderr (causes already in the message are not
+/// repeated) and returns exit code 1.
+pub fn fail(tool: &str, e: &dyn std::error::Error) -> ExitCode {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    eprintln!("{tool}: {msg}");
+    ExitCode::FAILURE
+}
+
+// ---------------------------------------------------------------------------------------------
+// dpuctl keygen
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpuctl keygen",
+    about = "Write a new random pre-shared key (mode 0600)",
+    long_about = "Writes 32 random bytes, hex-encoded, to PATH with mode 0600. Copy the same file \
+to the other side (HOST and DPU must share it); every link is authenticated with it.",
+    after_help = "Examples:\n  dpuctl keygen\n  dpuctl keygen /tmp/test.psk\n  scp /etc/dpuctl/psk dpu:/etc/dpuctl/psk"
+)]
+struct KeygenArgs {
+    /// Where to write the key
+    #[arg(default_value = crate::wire::key::DEFAULT_KEY_PATH)]
+    path: PathBuf,
+    /// Replace an existing key (links using the old key stop authenticating)
+    #[arg(long)]
+    force: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn keygen_main(args: Vec<OsString>) -> ExitCode {
+    let a = match KeygenArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    match crate::wire::Psk::write_new(&a.path, a.force) {
+        Ok(_) => {
+            if a.json {
+                println!("{}", serde_json::json!({ "path": a.path, "mode": "0600" }));
+            } else {
+                println!(
+                    "wrote a new key to {} (mode 0600): copy this file to the other side",
+                    a.path.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("keygen", &e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dpuctl config
+
+#[derive(Debug, Parser)]
+#[command(name = "dpuctl config", about = "Check or show the configuration file")]
+struct ConfigArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate a config file: syntax, unknown keys, values, key file, whitelist
+    #[command(after_help = "Exit status: 0 valid, 1 problems found (each printed with its key or line).")]
+    Check {
+        /// The file (default: DPUCTL_CONFIG, else /etc/dpuctl/config.toml)
+        file: Option<PathBuf>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration (file merged over defaults) as TOML
+    Show {
+        /// The file (default: DPUCTL_CONFIG, else /etc/dpuctl/config.toml)
+        file: Option<PathBuf>,
+    },
+}
+
+fn config_main(args: Vec<OsString>) -> ExitCode {
+    let a = match ConfigArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    match a.action {
+        ConfigAction::Check { file, json } => {
+            let (problems, source) = match crate::config::Config::load(file.as_deref()) {
+                Ok((config, source)) => (config.validate(), Some(source)),
+                Err(e) => (vec![e.to_string()], None),
+            };
+            let path = source
+                .as_ref()
+                .map(|s| s.path.display().to_string())
+                .or_else(|| file.as_ref().map(|f| f.display().to_string()))
+                .unwrap_or_default();
+            let present = source.as_ref().is_some_and(|s| s.present);
+            if json {
+                let v = serde_json::json!({
+                    "file": path, "present": present,
+                    "valid": problems.is_empty(), "problems": problems,
+                });
+                println!("{v}");
+            } else {
+                if source.is_some() && !present {
+                    println!("{path}: not present, checking the defaults");
+                }
+                for p in &problems {
+                    println!("{path}: {p}");
+                }
+                if problems.is_empty() {
+                    println!("{path}: ok");
+                }
+            }
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        ConfigAction::Show { file } => match crate::config::Config::load(file.as_deref()) {
+            Ok((config, _)) => match toml::to_string_pretty(&config) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("config", &e),
+            },
+            Err(e) => fail("config", &e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_link_name_selects_its_tool() {
+        for (name, tool) in LINK_NAMES {
+            assert_eq!(tool_for_name(OsStr::new(name)), Some(*tool));
+            let full = format!("/usr/local/bin/{name}");
+            assert_eq!(tool_for_name(OsStr::new(&full)), Some(*tool));
+        }
+        assert_eq!(tool_for_name(OsStr::new("/usr/bin/dpuctl")), None);
+        assert_eq!(tool_for_name(OsStr::new("qtcfg2")), None);
+    }
+
+    #[test]
+    fn every_link_name_is_a_subcommand() {
+        for (name, tool) in LINK_NAMES {
+            let top = Top::try_parse_from(["dpuctl", name]).unwrap();
+            assert_eq!(top.tool.tool(), *tool);
+        }
+    }
+
+    #[test]
+    fn install_is_idempotent_and_refuses_strangers() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("src-dpuctl");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        let prefix = dir.path().join("prefix");
+        let first = install(&prefix, &exe, false, false).unwrap();
+        assert_eq!(first[0].action, "copied");
+        assert!(first[1..].iter().all(|a| a.action == "linked"));
+        assert_eq!(
+            std::fs::read_link(prefix.join("sbin/mount.qtfs")).unwrap(),
+            PathBuf::from("../bin/dpuctl")
+        );
+        assert_eq!(
+            std::fs::canonicalize(prefix.join("bin/qtcfg")).unwrap(),
+            std::fs::canonicalize(prefix.join("bin/dpuctl")).unwrap()
+        );
+        // Running the installed copy again changes nothing.
+        let installed = prefix.join("bin/dpuctl");
+        let second = install(&prefix, &installed, false, false).unwrap();
+        assert!(second.iter().all(|a| a.action == "unchanged"), "{second:?}");
+        // A foreign file in the way is refused, then replaced with --force.
+        std::fs::remove_file(prefix.join("bin/engine")).unwrap();
+        std::fs::write(prefix.join("bin/engine"), b"other").unwrap();
+        let err = install(&prefix, &installed, false, false).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        let third = install(&prefix, &installed, true, false).unwrap();
+        assert!(third
+            .iter()
+            .any(|a| a.action == "replaced" && a.path.ends_with("bin/engine")));
+    }
+
+    #[test]
+    fn dry_run_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("dpuctl");
+        std::fs::write(&exe, b"x").unwrap();
+        let prefix = dir.path().join("p");
+        let actions = install(&prefix, &exe, false, true).unwrap();
+        assert!(!actions.is_empty());
+        assert!(!prefix.exists());
+    }
 }
