@@ -190,6 +190,8 @@ impl Allowlist {
     pub fn parse(text: &str, origin: &str) -> Result<Allowlist, AllowlistError> {
         let mut list = Allowlist::default();
         let mut section: Option<ListType> = None;
+        // Editors on some systems save a UTF-8 byte order mark; it is not part of line 1.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line_no = i + 1;
             let line = raw.trim();

@@ -265,9 +265,11 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Invocation, ParseStop> {
         Action::Delete { list_type, index }
     } else if let Some(z) = cli.list {
         match (cli.list_type, z) {
-            (Some(w), Some(z)) if w != z => return Err(usage(format!(
+            (Some(w), Some(z)) if w != z => {
+                return Err(usage(format!(
                 "-w {w} and -z {z} name different types: give the type once, e.g. `qtcfg -z {z}`"
-            ))),
+            )))
+            }
             (w, z) => Action::List(z.or(w)),
         }
     } else {

@@ -51,6 +51,12 @@ fn parse_several_path_lines_mixed_styles_and_repeated_sections_merge() {
 }
 
 #[test]
+fn parse_ignores_a_byte_order_mark() {
+    let l = parse_ok("\u{feff}[Open]\n/a\n");
+    assert_eq!(l.entries(ListType::Open), [p("/a")]);
+}
+
+#[test]
 fn parse_empty_text_and_empty_path_value_deny_all() {
     let l = parse_ok("");
     assert_eq!(l, Allowlist::default());
