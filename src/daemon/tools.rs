@@ -1,7 +1,7 @@
 //! `dpuctl status` and `dpuctl logs`: short-lived clients of every daemon's control socket.
 //!
 //! Each tool parses its own arguments (clap), builds a single-threaded tokio runtime and talks
-//! to the sockets [`discover`]ed in the run directory, all daemons at once. Rendering is pure
+//! to the sockets [`discover`](super::control::discover)ed in the run directory, all daemons at once. Rendering is pure
 //! (`render_status_table`, `render_status_json`, `format_event`) so it is tested on fixed
 //! values; the `*_command` functions take their output streams for the same reason.
 //!
