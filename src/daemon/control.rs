@@ -733,15 +733,7 @@ impl Client {
                 path: path.to_owned(),
                 after: DEFAULT_CLIENT_TIMEOUT,
             })?;
-        let stream = connected.map_err(|source| {
-            let path = path.to_owned();
-            match source.kind() {
-                io::ErrorKind::NotFound => ControlError::NoDaemon { path },
-                io::ErrorKind::PermissionDenied => ControlError::PermissionDenied { path },
-                io::ErrorKind::ConnectionRefused => ControlError::Stale { path },
-                _ => ControlError::Connect { path, source },
-            }
-        })?;
+        let stream = connected.map_err(|source| connect_error(path, source))?;
         let (reader, writer) = stream.into_split();
         Ok(Client {
             path: path.to_owned(),
@@ -871,6 +863,17 @@ impl Client {
     }
 }
 
+/// The operator-facing error for a failed `connect(2)` to `path`.
+fn connect_error(path: &Path, source: io::Error) -> ControlError {
+    let path = path.to_owned();
+    match source.kind() {
+        io::ErrorKind::NotFound => ControlError::NoDaemon { path },
+        io::ErrorKind::PermissionDenied => ControlError::PermissionDenied { path },
+        io::ErrorKind::ConnectionRefused => ControlError::Stale { path },
+        _ => ControlError::Connect { path, source },
+    }
+}
+
 /// The fields of an answer line without `ok`; `ok:false` becomes [`ControlError::Remote`].
 fn parse_reply(
     path: &Path,
@@ -937,4 +940,132 @@ pub fn try_discover(run_dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
 /// The control socket path of daemon `name` in `run_dir`.
 pub fn socket_path(run_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     run_dir.join(format!("{name}.ctl"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_command_parses_and_round_trips() {
+        let examples = [
+            r#"{"cmd":"status"}"#,
+            r#"{"cmd":"allowlist_list"}"#,
+            r#"{"cmd":"allowlist_add","list_type":"udsconnect","path":"/run/x.sock"}"#,
+            r#"{"cmd":"allowlist_delete","list_type":"open","index":0,"persist":true}"#,
+            r#"{"cmd":"log_level","level":"debug"}"#,
+            r#"{"cmd":"logs","follow":true}"#,
+            r#"{"cmd":"reload"}"#,
+        ];
+        for (example, cmd) in examples.iter().zip(COMMANDS) {
+            let request = parse_request(example).unwrap_or_else(|e| panic!("{example}: {e}"));
+            let line = serde_json::to_string(&request).expect("encode");
+            let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+            assert_eq!(value["cmd"], cmd, "COMMANDS lists {cmd}");
+            assert_eq!(parse_request(&line), Ok(request));
+        }
+        assert_eq!(
+            parse_request(r#"{"cmd":"logs"}"#),
+            Ok(Request::Logs {
+                backlog: 200,
+                follow: false
+            })
+        );
+    }
+
+    #[test]
+    fn request_errors_say_what_is_wrong() {
+        let valid = "valid commands: status, allowlist_list, allowlist_add, allowlist_delete, \
+                     log_level, logs, reload";
+        assert_eq!(
+            parse_request("[1,2]"),
+            Err(format!(
+                "a request must be a JSON object with a \"cmd\" field; {valid}"
+            ))
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":7}"#),
+            Err(format!("\"cmd\" must be a string, not 7; {valid}"))
+        );
+        let unknown =
+            parse_request(r#"{"cmd":"allowlist_add","list_type":"open","path":"/a","pth":1}"#)
+                .expect_err("unknown field");
+        assert!(
+            unknown.starts_with("invalid \"allowlist_add\" request: unknown field `pth`"),
+            "{unknown}"
+        );
+        let bad_type = parse_request(r#"{"cmd":"allowlist_list","list_type":"opne"}"#)
+            .expect_err("bad list type");
+        assert!(
+            bad_type.starts_with("invalid \"allowlist_list\" request: "),
+            "{bad_type}"
+        );
+    }
+
+    #[test]
+    fn answer_lines_put_ok_first() {
+        let mut fields = serde_json::Map::new();
+        fields.insert("removed".into(), "/a".into());
+        fields.insert("ok".into(), false.into()); // a handler cannot override ok
+        assert_eq!(ok_line(fields), "{\"ok\":true,\"removed\":\"/a\"}\n");
+        assert_eq!(ok_line(serde_json::Map::new()), "{\"ok\":true}\n");
+        assert_eq!(
+            error_line("say \"why\""),
+            "{\"ok\":false,\"error\":\"say \\\"why\\\"\"}\n"
+        );
+    }
+
+    #[test]
+    fn replies_parse_into_fields_or_errors() {
+        let path = Path::new("/run/qtfs/engine.ctl");
+        let fields = parse_reply(path, r#"{"ok":true,"level":"info"}"#).expect("ok");
+        assert_eq!(fields.get("level"), Some(&"info".into()));
+        assert!(!fields.contains_key("ok"));
+        match parse_reply(
+            path,
+            r#"{"ok":false,"error":"no such entry: list it first"}"#,
+        ) {
+            Err(ControlError::Remote(message)) => {
+                assert_eq!(message, "no such entry: list it first")
+            }
+            other => panic!("expected Remote, got {other:?}"),
+        }
+        for bad in ["nope", "[]", r#"{"level":"info"}"#] {
+            let err = parse_reply(path, bad).expect_err(bad);
+            assert!(
+                matches!(err, ControlError::BadReply { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err
+                .to_string()
+                .contains("are dpuctl and the daemon the same version?"));
+        }
+    }
+
+    #[test]
+    fn connect_failures_name_the_cause() {
+        let path = Path::new("/var/run/qtfs/engine.ctl");
+        let cases = [
+            (
+                io::ErrorKind::NotFound,
+                "no daemon at /var/run/qtfs/engine.ctl (is it running?)",
+            ),
+            (
+                io::ErrorKind::PermissionDenied,
+                "permission denied on /var/run/qtfs/engine.ctl: run as root",
+            ),
+            (
+                io::ErrorKind::ConnectionRefused,
+                "stale control socket /var/run/qtfs/engine.ctl: the daemon is not running",
+            ),
+        ];
+        for (kind, message) in cases {
+            assert_eq!(
+                connect_error(path, io::Error::from(kind)).to_string(),
+                message
+            );
+        }
+        let other = connect_error(path, io::Error::other("weird"));
+        assert!(matches!(other, ControlError::Connect { .. }));
+    }
 }
