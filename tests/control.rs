@@ -615,6 +615,7 @@ async fn discover_lists_control_sockets_sorted() {
 
 /// A control server on its own thread and runtime, for the blocking tool entry points.
 struct ThreadServer {
+    log: LogHandle,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -625,6 +626,8 @@ impl ThreadServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = socket_path(run_dir, name);
         let token = shutdown.clone();
+        let log = LogHandle::detached(name);
+        let server_log = log.clone();
         let name = name.to_owned();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -633,7 +636,7 @@ impl ThreadServer {
                 .expect("runtime");
             rt.block_on(async move {
                 let listener = bind(&path).expect("bind");
-                let log = LogHandle::detached(&name);
+                let log = server_log;
                 emit(&log, || {
                     for i in 0..events {
                         tracing::info!(n = i, "{name} event {i}");
@@ -647,6 +650,7 @@ impl ThreadServer {
             .recv_timeout(Duration::from_secs(10))
             .expect("server ready");
         ThreadServer {
+            log,
             shutdown,
             thread: Some(thread),
         }
@@ -766,4 +770,118 @@ fn status_and_logs_tools_against_running_servers() {
         format!("dpuctl logs: no daemon named \"rexec_server\" in {run_dir} (running: engine, udsproxyd)\n")
     );
     drop(engine);
+}
+
+/// A `Write` whose bytes another thread can watch.
+#[derive(Clone, Default)]
+struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+#[test]
+fn logs_follow_prints_live_events_until_the_daemons_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().to_str().expect("utf-8 path").to_owned();
+    let engine = ThreadServer::start(dir.path(), "engine", 2);
+    let (out, err) = (Shared::default(), Shared::default());
+    let follower = {
+        let (mut out, mut err) = (out.clone(), err.clone());
+        let args: Vec<OsString> = ["logs", "-f", "-n", "1", "--json", "--run-dir", &run_dir]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        std::thread::spawn(move || logs_command(args, &mut out, &mut err, false))
+    };
+    // The backlog is printed once the follower is subscribed; then emit until it shows a live
+    // event (it reads them asynchronously).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.text().is_empty() {
+        assert!(Instant::now() < deadline, "no backlog shown");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sent = 0;
+    while !out.text().contains("\"live ") {
+        assert!(
+            Instant::now() < deadline,
+            "no live event shown: {}",
+            out.text()
+        );
+        emit(&engine.log, || tracing::warn!(seq = sent, "live {sent}"));
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(engine); // the daemon stops: its stream ends, and so does `logs -f`
+    let code = follower.join().expect("no panic");
+    assert_eq!(code, EXIT_OK, "stderr: {}", err.text());
+    let text = out.text();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    assert_eq!(
+        events[0]["message"], "engine event 1",
+        "the -n 1 backlog first"
+    );
+    assert!(events[1..].iter().all(|e| e["level"] == "warn"));
+    assert!(events[1]["message"]
+        .as_str()
+        .expect("message")
+        .starts_with("live "));
+    assert_eq!(
+        err.text(),
+        "dpuctl logs: engine closed its log stream (stopped?)\n"
+    );
+}
+
+/// Standard output of `dpuctl logs | head` once `head` has exited.
+struct ClosedPipe;
+
+impl std::io::Write for ClosedPipe {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_the_tools_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().to_str().expect("utf-8 path").to_owned();
+    let _engine = ThreadServer::start(dir.path(), "engine", 50);
+    let mut err = Vec::new();
+    let args = |tool: &str| -> Vec<OsString> {
+        [tool, "--run-dir", &run_dir]
+            .iter()
+            .map(OsString::from)
+            .collect()
+    };
+    assert_eq!(
+        logs_command(args("logs"), &mut ClosedPipe, &mut err, false),
+        EXIT_OK
+    );
+    assert_eq!(
+        status_command(args("status"), &mut ClosedPipe, &mut err),
+        EXIT_OK
+    );
+    assert!(
+        err.is_empty(),
+        "nothing on stderr: {}",
+        String::from_utf8_lossy(&err)
+    );
 }
