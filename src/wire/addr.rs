@@ -347,13 +347,22 @@ impl Addr {
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "connecting to {self} timed out after {}",
-                    humantime::format_duration(timeout)
-                ),
-            )),
+            Err(_) => {
+                let hint = match self {
+                    Addr::Vsock { .. } => {
+                        " (a vsock connect that hangs usually means no transport reaches that \
+                         CID: check the CID and that vhost_vsock / the virtio vsock driver is loaded)"
+                    }
+                    _ => "",
+                };
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connecting to {self} timed out after {}{hint}",
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            }
         }
     }
 }

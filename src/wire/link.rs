@@ -691,6 +691,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Ok(n)) => {
                 inner.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             }
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                // Usually a peer exiting with unread data in its socket: a departure, not
+                // an attack.
+                return (
+                    CloseKind::Peer,
+                    format!("the peer closed the connection abruptly ({e})"),
+                );
+            }
             Ok(Err(e)) => return (CloseKind::Fault, format!("read failed: {e}")),
             Err(_) if partial_since.is_some() => {
                 return (
