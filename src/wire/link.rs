@@ -13,7 +13,7 @@
 //!   one write. A write that makes no progress for `dead_after` closes the link.
 //! - **keepalive**: a Ping every `keepalive`, which also measures the round-trip time.
 //!
-//! Shared state lives in [`Inner`] behind an `Arc`: the pending-call table and close reason
+//! Shared state lives in `Inner` behind an `Arc`: the pending-call table and close reason
 //! under one mutex (so a call can never register after the close drained the table), the
 //! table of running handlers under another, counters as atomics. Locks are never held across
 //! an `.await`. Closing is idempotent: the first reason wins, pending calls fail at once with
