@@ -1,13 +1,16 @@
 //! The wire layer: every byte dpuctl sends between machines goes through here.
 //!
 //! - [`addr`]: `tcp://host:port`, `vsock://cid:port`, `unix:///path`; bind and connect.
-//! - [`frame`]: the length-prefixed frame with a fixed header and a hard maximum size.
+//! - [`frame`]: the length-prefixed frame with a fixed 16-byte header and a hard maximum size.
 //! - [`key`]: the pre-shared key file (`dpuctl keygen`).
-//! - [`handshake`]: version negotiation and mutual HMAC challenge/response.
+//! - [`handshake`]: version negotiation and mutual HMAC-SHA256 challenge/response.
 //! - [`link`]: a multiplexed, authenticated connection: many requests in flight, each with an
-//!   id, answered out of order; keepalive pings; byte counters.
+//!   id, answered out of order; keepalive pings; byte counters; [`dial`] and [`serve`].
 //!
-//! docs/protocol.md specifies the bytes.
+//! docs/protocol.md specifies the bytes. No other module reads or writes protocol bytes.
+//!
+//! Concurrency: a [`Link`] runs its own reader, writer and keepalive tasks; handles are cheap
+//! clones usable from any task. [`serve`] handshakes each connection in its own task.
 
 pub mod addr;
 pub mod frame;
@@ -15,7 +18,10 @@ pub mod handshake;
 pub mod key;
 pub mod link;
 
-pub use addr::{Addr, Listener, Stream};
-pub use handshake::{Auth, Hello, PeerInfo, Role};
-pub use key::Psk;
-pub use link::{CallError, Link, LinkOptions, LinkStats, RemoteError, Service};
+pub use addr::{Addr, AddrError, Listener, Stream};
+pub use handshake::{Auth, HandshakeError, Hello, PeerInfo, Role, PROTOCOL_VERSION};
+pub use key::{KeyError, Psk, DEFAULT_KEY_PATH};
+pub use link::{
+    dial, serve, CallError, DialError, Link, LinkOptions, LinkStats, NoService, OnLink, OnReject,
+    RemoteError, Service,
+};
