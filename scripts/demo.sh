@@ -15,7 +15,11 @@ BIN=$PWD/target/release/dpuctl
 WORK=$(mktemp -d /tmp/dpuctl-demo.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  # unshare's parent ignores SIGTERM while it waits: signal the daemon it forked.
+  for p in "${pids[@]}"; do
+    for c in $(cat "/proc/$p/task/$p/children" 2>/dev/null); do kill -TERM "$c" 2>/dev/null || true; done
+    kill -TERM "$p" 2>/dev/null || true
+  done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
@@ -58,7 +62,7 @@ side "$WORK/dpu.log" "$BIN" udsproxyd 1 127.0.0.1 "$DPU_UDS" 127.0.0.1 "$HOST_UD
 DPU=${pids[-1]}
 
 for _ in $(seq 1 100); do
-  if in_side "$DPU" "$BIN" status --json 2>/dev/null | grep -q '"state":"connected"'; then break; fi
+  if in_side "$DPU" "$BIN" status --json 2>/dev/null | grep -Eq '"state": *"connected"'; then break; fi
   sleep 0.1
 done
 echo; echo "===== HOST: dpuctl status"; in_side "$HOST" "$BIN" status || true
@@ -67,7 +71,7 @@ echo; echo "===== DPU: qtcfg -w udsconnect -x /var/run/test, then qtcfg -z udsco
 in_side "$DPU" "$BIN" qtcfg -w udsconnect -x /var/run/test
 in_side "$DPU" "$BIN" qtcfg -z udsconnect
 echo; echo "===== DPU: dpuctl status --json"; in_side "$DPU" "$BIN" status --json
-if ! in_side "$DPU" "$BIN" status --json | grep -q '"state":"connected"'; then
+if ! in_side "$DPU" "$BIN" status --json | grep -Eq '"state": *"connected"'; then
   echo "demo: the peers did not connect; logs:" >&2; cat "$WORK/host.log" "$WORK/dpu.log" >&2; exit 1
 fi
 if [ "$once" = 1 ]; then echo; echo "demo: ok"; exit 0; fi

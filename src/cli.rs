@@ -1,4 +1,4 @@
-//! argv[0] / subcommand dispatch, and the small tools that belong to no bridge:
+//! argv\[0\] / subcommand dispatch, and the small tools that belong to no bridge:
 //! `dpuctl install`, `dpuctl keygen`, `dpuctl config check|show`.
 //!
 //! Every tool owns its clap parser and takes its whole argv (`args[0]` is the name it was
@@ -30,7 +30,7 @@ pub const LINK_NAMES: &[(&str, Tool)] = &[
     ("qtcfg", Tool::Qtcfg),
 ];
 
-/// The tool an argv[0] basename selects, if it is one of the link names.
+/// The tool an argv\[0\] basename selects, if it is one of the link names.
 pub fn tool_for_name(argv0: &OsStr) -> Option<Tool> {
     let base = Path::new(argv0).file_name()?.to_str()?;
     LINK_NAMES
@@ -39,7 +39,7 @@ pub fn tool_for_name(argv0: &OsStr) -> Option<Tool> {
         .map(|(_, tool)| *tool)
 }
 
-/// Runs the tool named by argv[0]'s basename or, for `dpuctl`, by the first argument.
+/// Runs the tool named by argv\[0\]'s basename or, for `dpuctl`, by the first argument.
 pub fn dispatch(args: Vec<OsString>) -> ExitCode {
     let argv0 = args.first().cloned().unwrap_or_else(|| "dpuctl".into());
     if let Some(tool) = tool_for_name(&argv0) {
@@ -51,7 +51,8 @@ pub fn dispatch(args: Vec<OsString>) -> ExitCode {
     };
     // The tool sees "dpuctl <tool>" as its name and every argument after the tool's name.
     let tool_name = args.get(1).cloned().unwrap_or_default();
-    let mut tool_args: Vec<OsString> = vec![format!("dpuctl {}", tool_name.to_string_lossy()).into()];
+    let mut tool_args: Vec<OsString> =
+        vec![format!("dpuctl {}", tool_name.to_string_lossy()).into()];
     tool_args.extend(args.into_iter().skip(2));
     run(top.tool.tool(), tool_args)
 }
@@ -211,7 +212,7 @@ fn install_links() -> Vec<(&'static str, &'static str, &'static str)> {
     links
 }
 
-/// Installs the binary and its links under `prefix`; see [`InstallArgs`].
+/// Installs the binary and its links under `prefix`; see `dpuctl install --help`.
 pub fn install(
     prefix: &Path,
     exe: &Path,
@@ -230,7 +231,10 @@ pub fn install(
             })?;
         }
     }
-    let same = match (std::fs::canonicalize(exe), std::fs::canonicalize(&installed)) {
+    let same = match (
+        std::fs::canonicalize(exe),
+        std::fs::canonicalize(&installed),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
@@ -300,7 +304,10 @@ pub fn install(
 
 /// True when `path` resolves to the installed dpuctl (e.g. an absolute link to it).
 fn points_at(path: &Path, installed: &Path) -> bool {
-    match (std::fs::canonicalize(path), std::fs::canonicalize(installed)) {
+    match (
+        std::fs::canonicalize(path),
+        std::fs::canonicalize(installed),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
@@ -412,7 +419,9 @@ struct ConfigArgs {
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
     /// Validate a config file: syntax, unknown keys, values, key file, whitelist
-    #[command(after_help = "Exit status: 0 valid, 1 problems found (each printed with its key or line).")]
+    #[command(
+        after_help = "Exit status: 0 valid, 1 problems found (each printed with its key or line)."
+    )]
     Check {
         /// The file (default: DPUCTL_CONFIG, else /etc/dpuctl/config.toml)
         file: Option<PathBuf>,

@@ -194,11 +194,26 @@ impl Config {
             problems.push(format!("common.whitelist: {e}"));
         }
         check_addr(&mut problems, "engine.listen", &self.engine.listen, false);
-        check_addr(&mut problems, "engine.uds_listen", &self.engine.uds_listen, true);
-        check_addr(&mut problems, "engine.uds_peer", &self.engine.uds_peer, true);
+        check_addr(
+            &mut problems,
+            "engine.uds_listen",
+            &self.engine.uds_listen,
+            true,
+        );
+        check_addr(
+            &mut problems,
+            "engine.uds_peer",
+            &self.engine.uds_peer,
+            true,
+        );
         check_threads(&mut problems, "engine.threads", self.engine.threads);
         check_threads(&mut problems, "engine.uds_threads", self.engine.uds_threads);
-        check_addr(&mut problems, "udsproxyd.listen", &self.udsproxyd.listen, true);
+        check_addr(
+            &mut problems,
+            "udsproxyd.listen",
+            &self.udsproxyd.listen,
+            true,
+        );
         check_addr(&mut problems, "udsproxyd.peer", &self.udsproxyd.peer, true);
         check_threads(&mut problems, "udsproxyd.threads", self.udsproxyd.threads);
         if self.udsproxyd.listen.is_empty() && self.udsproxyd.peer.is_empty() {
@@ -251,7 +266,9 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             let content = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!("line {line}: {message} (at `{content}`); see config.example.toml for every key")
+            format!(
+                "line {line}: {message} (at `{content}`); see config.example.toml for every key"
+            )
         }
         None => format!("{message}; see config.example.toml for every key"),
     }

@@ -8,8 +8,8 @@
 //! - [`daemon`]: daemon lifecycle (lock, signals, sd_notify), the JSON control socket, the log
 //!   ring, `dpuctl status` / `dpuctl logs`, and the `engine` and peer-link logic.
 //! - [`uds`]: `udsproxyd`, the cross-host Unix socket proxy.
-//! - [`config`]: `/etc/dpuctl/config.toml`.
-//! - [`cli`]: argv[0] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
+//! - [`config`]: the configuration file `/etc/dpuctl/config.toml`.
+//! - [`cli`]: argv\[0\] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
 
 pub mod allowlist;
 pub mod cli;

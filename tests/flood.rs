@@ -56,7 +56,10 @@ fn engine_survives_garbage_and_serves_a_good_client() {
         .args(["engine", "--no-uds", "--listen"])
         .arg(addr.to_string())
         .args(["--key", s(&key), "--run-dir", s(&scratch.path("run"))])
-        .args(["--whitelist", s(&scratch.write("wl", "[Mount]\nPath=/tmp\n"))])
+        .args([
+            "--whitelist",
+            s(&scratch.write("wl", "[Mount]\nPath=/tmp\n")),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -70,15 +73,24 @@ fn engine_survives_garbage_and_serves_a_good_client() {
     rt.block_on(async {
         // Wait for the engine to listen.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "engine did not start: {}", std::fs::read_to_string(&engine.log).unwrap_or_default());
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "engine did not start: {}",
+                std::fs::read_to_string(&engine.log).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
         // Slow loris: a few bytes, then silence, held through the whole flood.
         let mut lorises = Vec::new();
         for _ in 0..20 {
-            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
             let _ = c.write_all(&[0x44, 0x50, 0x55]).await;
             lorises.push(c);
         }
@@ -116,32 +128,62 @@ fn engine_survives_garbage_and_serves_a_good_client() {
         .into_iter()
         .enumerate()
         {
-            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-            wire::handshake::client(&mut c, &addr.to_string(), &auth, &hello(), Duration::from_secs(5))
+            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .unwrap_or_else(|e| panic!("case {n}: handshake with the right key failed: {e}"));
+                .unwrap();
+            wire::handshake::client(
+                &mut c,
+                &addr.to_string(),
+                &auth,
+                &hello(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("case {n}: handshake with the right key failed: {e}"));
             let _ = c.write_all(&bad).await;
             let _ = c.shutdown().await;
         }
 
         // A good client is served promptly.
         let started = Instant::now();
-        let link = wire::dial(&addr, &auth, &hello(), Arc::new(wire::NoService), LinkOptions::default())
-            .await
-            .expect("a good client connects after the flood");
+        let link = wire::dial(
+            &addr,
+            &auth,
+            &hello(),
+            Arc::new(wire::NoService),
+            LinkOptions::default(),
+        )
+        .await
+        .expect("a good client connects after the flood");
         let rtt = link.ping().await.expect("ping answered");
-        assert!(started.elapsed() < Duration::from_secs(5), "served in {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "served in {:?}",
+            started.elapsed()
+        );
         assert!(rtt < Duration::from_secs(1), "rtt {rtt:?}");
         drop(lorises);
     });
 
-    assert!(matches!(engine.child.try_wait(), Ok(None)), "engine still running");
+    assert!(
+        matches!(engine.child.try_wait(), Ok(None)),
+        "engine still running"
+    );
     // Rejects are logged with the peer address; the status counts them.
     let log = std::fs::read_to_string(&engine.log).unwrap();
-    assert!(log.contains("127.0.0.1:"), "rejects name the peer address:\n{}", &log[..log.len().min(4000)]);
+    assert!(
+        log.contains("127.0.0.1:"),
+        "rejects name the peer address:\n{}",
+        &log[..log.len().min(4000)]
+    );
     let out = common::dpuctl(&["status", "--json", "--run-dir", s(&scratch.path("run"))]);
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-    let refused = st["daemons"][0]["counters"]["handshakes_refused"].as_u64().unwrap_or(0);
-    assert!(refused >= 9_000, "handshakes refused counted: {refused}\n{st}");
+    let refused = st["daemons"][0]["counters"]["handshakes_refused"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        refused >= 9_000,
+        "handshakes refused counted: {refused}\n{st}"
+    );
     let _ = engine.child.kill();
 }

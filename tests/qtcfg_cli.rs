@@ -180,7 +180,6 @@ fn fake_daemon(
 }
 
 #[test]
-#[ignore = "needs the control client bodies (src/daemon/control.rs)"]
 fn lists_through_the_preferred_daemon() {
     let dir = tempfile::tempdir().unwrap();
     // Both run; udsconnect goes to udsproxyd.
@@ -201,7 +200,6 @@ fn lists_through_the_preferred_daemon() {
 }
 
 #[test]
-#[ignore = "needs the control client bodies (src/daemon/control.rs)"]
 fn add_sends_the_normalised_path_and_prints_json() {
     let dir = tempfile::tempdir().unwrap();
     let d = fake_daemon(
@@ -230,7 +228,6 @@ fn add_sends_the_normalised_path_and_prints_json() {
 }
 
 #[test]
-#[ignore = "needs the control client bodies (src/daemon/control.rs)"]
 fn daemon_errors_are_passed_on_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let msg = "index 9 out of range: [Udsconnect] has 1 entries (0..0); list them with `qtcfg -z udsconnect`";
@@ -246,7 +243,6 @@ fn daemon_errors_are_passed_on_with_exit_1() {
 }
 
 #[test]
-#[ignore = "needs the control client bodies (src/daemon/control.rs)"]
 fn stale_socket_is_reported_as_no_daemon() {
     let dir = tempfile::tempdir().unwrap();
     // Bind then drop: the socket file stays, nobody listens.

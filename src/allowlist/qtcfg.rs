@@ -388,7 +388,13 @@ fn connect_failure(
     err: &(dyn std::error::Error + 'static),
     auto: bool,
 ) -> QtcfgError {
-    match io_kind(err) {
+    use crate::daemon::ControlError;
+    let kind = match err.downcast_ref::<ControlError>() {
+        Some(ControlError::Stale { .. }) => Some(io::ErrorKind::ConnectionRefused),
+        Some(ControlError::PermissionDenied { .. }) => Some(io::ErrorKind::PermissionDenied),
+        _ => io_kind(err),
+    };
+    match kind {
         Some(io::ErrorKind::PermissionDenied) => QtcfgError::PermissionDenied {
             socket: socket.to_path_buf(),
         },

@@ -2,7 +2,7 @@
 //! the built-in udsproxyd peer, so the HOST needs no separate udsproxyd.
 //!
 //! Concurrency: the file-service accept loop and the peer manager run as tasks until the
-//! daemon's shutdown token is cancelled; each client link is tracked in [`Clients`] until it
+//! daemon's shutdown token is cancelled; each client link is tracked in `Clients` until it
 //! closes, so `status` lists exactly the live ones.
 
 use std::collections::{BTreeMap, HashMap};
@@ -123,9 +123,9 @@ fn apply_args(config: &mut Config, a: &EngineArgs) -> Result<(), StartError> {
         }
         n => {
             return Err(StartError::Usage(format!(
-                "got {n} positional arguments: give <threads> <uds threads>, optionally followed by \
+            "got {n} positional arguments: give <threads> <uds threads>, optionally followed by \
                  <host addr> <uds port> <dpu addr> <uds peer port> (see engine --help)"
-            )))
+        )))
         }
     }
     if let Some(l) = &a.listen {
@@ -153,7 +153,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return crate::cli::fail("engine", &e),
     };
@@ -211,7 +214,8 @@ impl Engine {
             source,
         })?;
         let fs_bound = fs_listener.local_addr().to_string();
-        let uds_listen = optional_addr(&e.uds_listen).map_err(|err| bad("engine.uds_listen", err))?;
+        let uds_listen =
+            optional_addr(&e.uds_listen).map_err(|err| bad("engine.uds_listen", err))?;
         let uds_peer = optional_addr(&e.uds_peer).map_err(|err| bad("engine.uds_peer", err))?;
         let uds_listener = match &uds_listen {
             Some(addr) => Some(addr.bind().await.map_err(|source| StartError::Bind {
@@ -221,11 +225,7 @@ impl Engine {
             None => None,
         };
         let uds_addr = uds_listener.as_ref().map(|l| l.local_addr().to_string());
-        let hello = Hello {
-            role: Role::Engine,
-            instance: runner::instance_id(),
-            name: runner::host_name(),
-        };
+        let hello = Hello::new(Role::Engine);
         let opts = LinkOptions::default();
         let peer = (uds_listener.is_some() || uds_peer.is_some()).then(|| {
             let mut peer_opts = opts.clone();
@@ -255,17 +255,23 @@ impl Engine {
     }
 
     /// Starts serving; the tasks end when `shutdown` is cancelled.
-    pub fn spawn(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
-        let fs_listener = self.fs_listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let fs_listener = self
+            .fs_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(listener) = fs_listener {
             let clients = self.clients.clone();
-            let on_link: Arc<dyn Fn(Link) + Send + Sync> = Arc::new(move |link| clients.add(link));
+            let on_link: wire::OnLink = Arc::new(move |link| clients.add(link));
             let rejected = self.rejected.clone();
-            let on_reject: Arc<dyn Fn(String, &wire::HandshakeError) + Send + Sync> =
-                Arc::new(move |_peer, _e| {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                });
+            let on_reject: wire::OnReject = Arc::new(move |_peer, _e| {
+                rejected.fetch_add(1, Ordering::Relaxed);
+            });
             tasks.push(tokio::spawn(wire::serve(
                 listener,
                 self.auth.clone(),
@@ -278,9 +284,15 @@ impl Engine {
             )));
         }
         if let Some(peer) = &self.peer {
-            let listener = self.uds_listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let listener = self
+                .uds_listener
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             let peer = peer.clone();
-            tasks.push(tokio::spawn(async move { peer.run(listener, shutdown).await }));
+            tasks.push(tokio::spawn(
+                async move { peer.run(listener, shutdown).await },
+            ));
         }
         tasks
     }
@@ -322,7 +334,8 @@ impl Clients {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let peer = link.peer().clone();
         tracing::info!(peer = %peer.address, role = peer.role.as_str(), name = %peer.name, "client connected");
-        self.lock().insert(id, (link.clone(), std::time::Instant::now()));
+        self.lock()
+            .insert(id, (link.clone(), std::time::Instant::now()));
         let me = self.clone();
         tokio::spawn(async move {
             let reason = link.closed().await;
@@ -351,7 +364,9 @@ impl Clients {
                     bytes_in: s.bytes_in,
                     bytes_out: s.bytes_out,
                     role: Some(link.peer().role.as_str().to_string()),
-                    rtt_us: s.rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    rtt_us: s
+                        .rtt
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     since_secs: since.elapsed().as_secs(),
                     last_error: None,
                 }
@@ -402,7 +417,10 @@ mod tests {
         let c = parse(&["4096", "16"]).unwrap();
         assert_eq!(c.engine.threads, 4096);
         assert_eq!(c.engine.uds_threads, 16);
-        assert_eq!(c.engine.listen, crate::config::EngineConfig::default().listen);
+        assert_eq!(
+            c.engine.listen,
+            crate::config::EngineConfig::default().listen
+        );
     }
 
     #[test]
@@ -416,7 +434,14 @@ mod tests {
     #[test]
     fn flags_override_positionals() {
         let c = parse(&[
-            "2", "1", "127.0.0.1", "12122", "127.0.0.1", "12121", "--listen", "tcp://127.0.0.1:9999",
+            "2",
+            "1",
+            "127.0.0.1",
+            "12122",
+            "127.0.0.1",
+            "12121",
+            "--listen",
+            "tcp://127.0.0.1:9999",
             "--no-uds",
         ])
         .unwrap();

@@ -8,7 +8,7 @@
 //! with exponential backoff (100 ms doubling to 5 s, with jitter so two restarted peers do not
 //! dial in lock step).
 //!
-//! Concurrency: one [`Slot`] behind a mutex holds the current link and the state `status`
+//! Concurrency: one `Slot` behind a mutex holds the current link and the state `status`
 //! reports; it is held only for short non-async sections. A [`Notify`] wakes the dialler when
 //! the link drops.
 
@@ -111,9 +111,8 @@ impl PeerManager {
         if let Some(listener) = listener {
             let accepted = self.clone();
             let rejected = self.clone();
-            let on_link: Arc<dyn Fn(Link) + Send + Sync> =
-                Arc::new(move |link: Link| accepted.offer_inbound(link));
-            let on_reject: Arc<dyn Fn(String, &wire::HandshakeError) + Send + Sync> =
+            let on_link: wire::OnLink = Arc::new(move |link: Link| accepted.offer_inbound(link));
+            let on_reject: wire::OnReject =
                 Arc::new(move |peer: String, e: &wire::HandshakeError| {
                     if e.is_auth_failure() {
                         rejected.record_auth_failure(&peer, &e.to_string());
@@ -158,7 +157,9 @@ impl PeerManager {
             let s = link.stats();
             bytes_in += s.bytes_in;
             bytes_out += s.bytes_out;
-            rtt_us = s.rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            rtt_us = s
+                .rtt
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
             role = Some(link.peer().role.as_str().to_string());
         }
         PeerStatus {
@@ -362,7 +363,10 @@ mod tests {
     fn jitter_stays_within_half_to_full() {
         for _ in 0..1000 {
             let j = jitter(Duration::from_secs(4));
-            assert!(j >= Duration::from_secs(2) && j <= Duration::from_secs(4), "{j:?}");
+            assert!(
+                j >= Duration::from_secs(2) && j <= Duration::from_secs(4),
+                "{j:?}"
+            );
         }
     }
 }

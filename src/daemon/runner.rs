@@ -1,9 +1,9 @@
 //! What every dpuctl daemon does the same way: resolve its settings, take its lock, load its
 //! allowlist, open its control socket, handle signals, tell systemd, and shut down cleanly.
 //!
-//! A daemon calls [`Daemon::start`], binds its own listeners, calls [`Daemon::ready`], runs
-//! until [`Daemon::shutdown`] is cancelled (SIGTERM/SIGINT) while [`Daemon::reloads`] delivers
-//! SIGHUPs, then calls [`Daemon::finish`].
+//! A daemon calls [`Daemon::start`] (which also returns the channel of SIGHUP reload requests),
+//! binds its own listeners, calls [`Daemon::ready`], then [`Daemon::serve_until_shutdown`],
+//! which applies reloads until SIGTERM/SIGINT cancels [`Daemon::shutdown`].
 //!
 //! Concurrency: the allowlist is a [`SharedAllowlist`] read by request handlers and written by
 //! the control socket and reloads; persisting to the whitelist file is serialised by
@@ -41,7 +41,10 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("invalid configuration ({path}):\n  {}", .problems.join("\n  "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
     #[error("{0}")]
     Key(#[from] crate::wire::KeyError),
     #[error("cannot start logging: {0}")]
@@ -53,7 +56,10 @@ pub enum StartError {
     #[error("cannot open the control socket: {0}")]
     Control(#[from] control::ControlError),
     #[error("cannot listen on {addr}: {source} (is another program using the port? pick another with --listen)")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Usage(String),
 }
@@ -85,7 +91,9 @@ pub fn resolve(args: &CommonArgs) -> Result<(Config, Source), StartError> {
 /// mode is an error that says how to fix it.
 pub fn auth(config: &Config) -> Result<Auth, StartError> {
     if config.common.insecure {
-        tracing::warn!("insecure mode: links are NOT authenticated; use only on a closed test network");
+        tracing::warn!(
+            "insecure mode: links are NOT authenticated; use only on a closed test network"
+        );
         return Ok(Auth::Insecure);
     }
     Ok(Auth::Psk(Arc::new(Psk::load(&config.common.key_file)?)))
@@ -166,7 +174,10 @@ impl Daemon {
 
     /// Where the daemon's own status details come from.
     pub fn set_status_source(&self, source: Arc<dyn StatusSource>) {
-        *self.status_source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+        *self
+            .status_source
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(source);
     }
 
     /// Tells systemd (Type=notify) and the log that the daemon serves.
@@ -181,7 +192,10 @@ impl Daemon {
     }
 
     /// Runs until shutdown, applying reloads as they come.
-    pub async fn serve_until_shutdown(self: &Arc<Self>, mut reloads: tokio::sync::mpsc::Receiver<()>) {
+    pub async fn serve_until_shutdown(
+        self: &Arc<Self>,
+        mut reloads: tokio::sync::mpsc::Receiver<()>,
+    ) {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -220,7 +234,8 @@ impl Daemon {
                 .set_level(&config.common.log_level)
                 .map_err(|e| e.to_string())?;
         }
-        *self.whitelist.write().unwrap_or_else(|p| p.into_inner()) = config.common.whitelist.clone();
+        *self.whitelist.write().unwrap_or_else(|p| p.into_inner()) =
+            config.common.whitelist.clone();
         *self.allowlist.write().unwrap_or_else(|p| p.into_inner()) = list;
         tracing::info!(whitelist = %config.common.whitelist.display(), "configuration and allowlists reloaded");
         Ok(())
@@ -270,20 +285,7 @@ impl Daemon {
             let mut list = self.allowlist.write().unwrap_or_else(|p| p.into_inner());
             let persist = match req {
                 Request::AllowlistList { list_type } => {
-                    let types: Vec<ListType> = match list_type {
-                        Some(t) => vec![t],
-                        None => ListType::ALL.to_vec(),
-                    };
-                    let mut lists = Map::new();
-                    for t in types {
-                        let paths: Vec<Value> = list
-                            .entries(t)
-                            .iter()
-                            .map(|p| Value::String(p.display().to_string()))
-                            .collect();
-                        lists.insert(t.name().to_string(), Value::Array(paths));
-                    }
-                    answer.insert("allowlists".into(), Value::Object(lists));
+                    answer.insert("allowlists".into(), Value::Object(list.to_json(list_type)));
                     false
                 }
                 Request::AllowlistAdd {
@@ -303,7 +305,10 @@ impl Daemon {
                 } => {
                     let removed = list.remove(list_type, index).map_err(|e| e.to_string())?;
                     tracing::info!(r#type = list_type.name(), path = %removed.display(), index, "allowlist entry removed");
-                    answer.insert("removed".into(), Value::String(removed.display().to_string()));
+                    answer.insert(
+                        "removed".into(),
+                        Value::String(removed.display().to_string()),
+                    );
                     persist
                 }
                 other => return Err(format!("{other:?} is not an allowlist request")),
@@ -314,9 +319,15 @@ impl Daemon {
             let _guard = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
             let path = self.whitelist_path();
             list.save_atomic(&path, EntryStyle::PathList).map_err(|e| {
-                format!("the change is live but was not saved to {}: {e}", path.display())
+                format!(
+                    "the change is live but was not saved to {}: {e}",
+                    path.display()
+                )
             })?;
-            answer.insert("persisted".into(), Value::String(path.display().to_string()));
+            answer.insert(
+                "persisted".into(),
+                Value::String(path.display().to_string()),
+            );
         }
         Ok(answer)
     }
@@ -358,30 +369,4 @@ impl ControlHandler for Handler {
             }
         })
     }
-}
-
-/// A random id for this process, used in handshakes and the peer tie-break.
-pub fn instance_id() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        // getrandom cannot fail on Linux >= 3.17; fall back to something distinct per process.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        return t ^ u64::from(std::process::id()) << 32;
-    }
-    u64::from_le_bytes(b)
-}
-
-/// This machine's host name, for the handshake's `name` (at most 64 bytes).
-pub fn host_name() -> String {
-    let mut name = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".to_string());
-    while name.len() > 64 {
-        name.pop();
-    }
-    name
 }

@@ -93,7 +93,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return crate::cli::fail("udsproxyd", &e),
     };
@@ -121,13 +124,11 @@ async fn run_main(a: UdsArgs) -> Result<(), StartError> {
         None => None,
     };
     let listen_addr = listener.as_ref().map(|l| l.local_addr().to_string());
-    let hello = Hello {
-        role: Role::Udsproxyd,
-        instance: runner::instance_id(),
-        name: runner::host_name(),
+    let hello = Hello::new(Role::Udsproxyd);
+    let opts = LinkOptions {
+        max_in_flight: u.threads.max(1) * 64,
+        ..LinkOptions::default()
     };
-    let mut opts = LinkOptions::default();
-    opts.max_in_flight = u.threads.max(1) * 64;
     let peer = PeerManager::new(
         hello,
         auth,
@@ -157,7 +158,10 @@ struct Proxy {
 
 impl StatusSource for Proxy {
     fn listen(&self) -> Vec<String> {
-        self.listen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.listen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     fn peers(&self) -> Vec<PeerStatus> {
         vec![self.peer.status()]
@@ -197,6 +201,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("2 positional arguments"));
-        assert!(parse(&["x"]).unwrap_err().to_string().contains("must be a number"));
+        assert!(parse(&["x"])
+            .unwrap_err()
+            .to_string()
+            .contains("must be a number"));
     }
 }

@@ -88,7 +88,11 @@ impl Scratch {
             .arg(&p)
             .output()
             .expect("run keygen");
-        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         p
     }
 
@@ -154,7 +158,12 @@ impl Side {
             if let Some(pid) = self.daemon_pid() {
                 break pid;
             }
-            assert!(Instant::now() < deadline, "{}: daemon never started\n{}", self.name, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{}: daemon never started\n{}",
+                self.name,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         Command::new("nsenter")
@@ -173,7 +182,12 @@ impl Side {
     }
 
     /// Waits until `pred(status)` holds; panics with both the status and the log on timeout.
-    pub fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         while Instant::now() < deadline {
@@ -203,10 +217,12 @@ impl Side {
         matches!(self.unshare.try_wait(), Ok(None))
     }
 
-    /// Stops the side (SIGTERM to unshare kills the daemon through --kill-child).
+    /// Stops the side: SIGTERM to the daemon (unshare's parent process ignores SIGTERM while
+    /// it waits, and exits with the daemon's status).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let target = self.daemon_pid().unwrap_or(self.unshare.id());
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.unshare.id() as i32),
+            nix::unistd::Pid::from_raw(target as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -237,7 +253,12 @@ pub fn peer_state(status: &serde_json::Value, name: &str) -> Option<String> {
         .find(|d| d["name"] == name)?["peers"]
         .as_array()?
         .iter()
-        .find(|p| matches!(p["role"].as_str(), Some("engine") | Some("udsproxyd") | None))?["state"]
+        .find(|p| {
+            matches!(
+                p["role"].as_str(),
+                Some("engine") | Some("udsproxyd") | None
+            )
+        })?["state"]
         .as_str()
         .map(str::to_string)
 }
