@@ -443,8 +443,17 @@ fn config_main(args: Vec<OsString>) -> ExitCode {
     };
     match a.action {
         ConfigAction::Check { file, json } => {
+            // Each problem is printed as one line that starts with the file it concerns.
             let (problems, source) = match crate::config::Config::load(file.as_deref()) {
-                Ok((config, source)) => (config.validate(), Some(source)),
+                Ok((config, source)) => {
+                    let at = source.path.display().to_string();
+                    let lines = config
+                        .validate()
+                        .into_iter()
+                        .map(|p| format!("{at}: {p}"))
+                        .collect::<Vec<_>>();
+                    (lines, Some(source))
+                }
                 Err(e) => (vec![e.to_string()], None),
             };
             let path = source
@@ -452,7 +461,9 @@ fn config_main(args: Vec<OsString>) -> ExitCode {
                 .map(|s| s.path.display().to_string())
                 .or_else(|| file.as_ref().map(|f| f.display().to_string()))
                 .unwrap_or_default();
-            let present = source.as_ref().is_some_and(|s| s.present);
+            let present = source
+                .as_ref()
+                .map_or_else(|| Path::new(&path).exists(), |s| s.present);
             if json {
                 let v = serde_json::json!({
                     "file": path, "present": present,
@@ -464,7 +475,7 @@ fn config_main(args: Vec<OsString>) -> ExitCode {
                     println!("{path}: not present, checking the defaults");
                 }
                 for p in &problems {
-                    println!("{path}: {p}");
+                    println!("{p}");
                 }
                 if problems.is_empty() {
                     println!("{path}: ok");

@@ -66,7 +66,7 @@ pub enum KeyError {
         detail: String,
     },
     /// `write_new` without overwrite and a key already exists.
-    #[error("a key already exists at {}: keep it, or delete it first to replace it (then copy the new file to the other side)", .path.display())]
+    #[error("a key already exists at {}: keep it, or replace it with `dpuctl keygen --force {path}` (then copy the new file to the other side)", .path.display())]
     Exists {
         /// The key path.
         path: PathBuf,
