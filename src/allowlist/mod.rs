@@ -4,8 +4,8 @@
 //! Concurrency: an [`Allowlist`] is a plain value; daemons share one behind
 //! [`SharedAllowlist`] (a read-mostly lock) so a live change applies to the next request.
 
-mod types;
 pub mod qtcfg;
+mod types;
 
 pub use types::{ListType, UnknownListType};
 

@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// One allowlist type. The order is the original's (`qtcfg -z` lists them in this order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ListType {
     Open,

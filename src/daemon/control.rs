@@ -72,7 +72,10 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn handle(
         &self,
         req: Request,
-    ) -> futures::future::BoxFuture<'static, Result<serde_json::Map<String, serde_json::Value>, String>>;
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<serde_json::Map<String, serde_json::Value>, String>,
+    >;
 }
 
 /// Default directory of control sockets and lock files.

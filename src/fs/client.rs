@@ -1,0 +1,1 @@
+//! FUSE client (in progress).
