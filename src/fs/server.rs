@@ -205,6 +205,8 @@ pub struct FsServerOptions {
 
 struct MountRec {
     flags: u32,
+    /// The canonical HOST path of the export root.
+    root: PathBuf,
 }
 
 struct Node {
@@ -404,6 +406,10 @@ impl FsServer {
         self.lock().mounts.get(mount).map_or(0, |m| m.flags)
     }
 
+    fn mount_root(&self, mount: usize) -> Option<PathBuf> {
+        self.lock().mounts.get(mount).map(|m| m.root.clone())
+    }
+
     /// The single policy gate, run before dispatch: name validation, read-only mounts,
     /// root squashing, and the per-type allowlists. Denials return EACCES and log the
     /// type and HOST path.
@@ -562,8 +568,10 @@ impl FsServer {
             }
         };
         let mut creds = creds;
+        let mut root = None;
         if let Some(id) = anchor {
             let (_, mount) = self.node(id)?;
+            root = self.mount_root(mount);
             let flags = self.mount_flags(mount);
             if modifies && flags & mount_flags::READ_ONLY != 0 {
                 return Err(Errno(libc::EROFS));
@@ -576,6 +584,40 @@ impl FsServer {
                     creds.gid = NOBODY;
                 }
                 creds.groups.retain(|g| *g != 0);
+            }
+        }
+        // Every op that resolves a name, opens, or modifies first verifies that the nodes
+        // it starts from are still beneath the export root: a directory moved out of the
+        // tree on the HOST keeps its node fd, and must not become a way outside.
+        let resolves = !matches!(
+            req,
+            Getattr { .. }
+                | Readlink { .. }
+                | Statfs { .. }
+                | Getxattr { .. }
+                | Listxattr { .. }
+                | Access { .. }
+                | Readdir { .. }
+        );
+        if let (Some(root), true) = (&root, resolves) {
+            let mut ids: Vec<u64> = anchor.into_iter().collect();
+            for (_, target) in &checks {
+                let id = match target {
+                    Target::Node(id) | Target::Child(id, _) => *id,
+                };
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            if let Link { node, .. } = req {
+                ids.push(*node);
+            }
+            for id in ids {
+                let path = sys::fd_path(self.node(id)?.0.as_raw_fd()).map_err(Errno::from)?;
+                if !path.starts_with(root) {
+                    tracing::warn!(path = %path.display(), root = %root.display(), "qtfs request on a node that left the export root");
+                    return Err(Errno(libc::ENOENT));
+                }
             }
         }
         for (t, target) in checks {
@@ -706,6 +748,7 @@ impl FsServer {
         match req {
             Mount { flags, .. } => {
                 let path = grant.mount_path.ok_or(Errno(libc::EINVAL))?;
+                let root = path.clone();
                 let (fd, st) = pool
                     .run(None, move || {
                         let c = sys::cstr(sys::path_bytes(&path))?;
@@ -724,7 +767,7 @@ impl FsServer {
                     .await?;
                 let mount = {
                     let mut t = self.lock();
-                    t.mounts.push(MountRec { flags });
+                    t.mounts.push(MountRec { flags, root });
                     t.mounts.len() - 1
                 };
                 tracing::info!(mount, "qtfs mount attached");
@@ -1306,5 +1349,103 @@ impl FdRef {
             FdRef::Node(f) => f.as_raw_fd(),
             FdRef::Handle(h) => h.fd.as_raw_fd(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_blocked_pool_thread_does_not_block_the_others() {
+        let pool = FsPool::new(2).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let p2 = pool.clone();
+        let slow = tokio::spawn(async move {
+            p2.run(None, move || {
+                rx.recv().map_err(|_| io::Error::other("sender gone"))?;
+                Ok(1)
+            })
+            .await
+        });
+        for _ in 0..100 {
+            assert_eq!(pool.run(None, || Ok(2)).await, Ok(2));
+        }
+        assert!(!slow.is_finished());
+        tx.send(()).unwrap();
+        assert_eq!(slow.await.unwrap(), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn pool_threads_take_the_callers_identity() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to switch fsuid");
+            return;
+        }
+        let pool = FsPool::new(1).unwrap();
+        let c = Creds {
+            uid: 1234,
+            gid: 4321,
+            groups: vec![7, 8],
+        };
+        let (uid, gid, groups) = pool
+            .run(Some(c), || {
+                // SAFETY: -1 is invalid, so these only report the current fs ids.
+                let (u, g) = unsafe { (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX)) };
+                Ok((
+                    u as u32,
+                    g as u32,
+                    nix::unistd::getgroups().map_err(io::Error::from)?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((uid, gid), (1234, 4321));
+        assert_eq!(
+            groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+            vec![7, 8]
+        );
+        // Other threads of the process are untouched (glibc's setgroups would change them).
+        assert_eq!(
+            nix::unistd::getgroups()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_raw())
+                .collect::<Vec<_>>(),
+            {
+                let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Groups:"))
+                    .unwrap()
+                    .split_whitespace()
+                    .map(|x| x.parse::<u32>().unwrap())
+                    .collect::<Vec<_>>()
+            }
+        );
+        assert!(!nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .any(|g| g.as_raw() == 7));
+    }
+
+    #[test]
+    fn names_must_be_single_components() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_name(&[b'x'; 256]), Err(Errno(libc::ENAMETOOLONG)));
+        assert!(check_name(b"...").is_ok());
+        assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn static_policy_matches_whole_components() {
+        let p = StaticPolicy::new().with(ListType::Write, "/var/lib/docker");
+        assert!(p.restricted(ListType::Write));
+        assert!(!p.restricted(ListType::Read));
+        assert!(p.allows(ListType::Write, Path::new("/var/lib/docker")));
+        assert!(p.allows(ListType::Write, Path::new("/var/lib/docker/x")));
+        assert!(!p.allows(ListType::Write, Path::new("/var/lib/dockerx")));
+        assert!(!p.allows(ListType::Mount, Path::new("/var/lib/docker")));
     }
 }
