@@ -1,5 +1,5 @@
 //! The engine-side qtfs executor: decodes fs requests, checks them against the allowlists in
-//! one gate ([`FsServer::gate`]), and performs them on the HOST with the caller's credentials.
+//! one gate (`FsServer::gate`), and performs them on the HOST with the caller's credentials.
 //!
 //! Handles: a node table (node id -> O_PATH fd) and a file-handle table (fh -> open fd), both
 //! per `FsServer`, i.e. per client connection, so everything a client held is closed when its
