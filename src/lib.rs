@@ -7,6 +7,7 @@
 //! - [`allowlist`]: the default-deny path allowlists (`/etc/qtfs/whitelist`) and `qtcfg`.
 //! - [`daemon`]: daemon lifecycle (lock, signals, sd_notify), the JSON control socket, the log
 //!   ring, `dpuctl status` / `dpuctl logs`, and the `engine` and peer-link logic.
+//! - [`fs`]: qtfs, the shared filesystem: protocol, engine-side executor, FUSE client, mount helper.
 //! - [`uds`]: `udsproxyd`, the cross-host Unix socket proxy.
 //! - [`config`]: the configuration file `/etc/dpuctl/config.toml`.
 //! - [`cli`]: argv\[0\] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
@@ -15,5 +16,6 @@ pub mod allowlist;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fs;
 pub mod uds;
 pub mod wire;

@@ -1,0 +1,1218 @@
+//! The qtfs FUSE client: a `fuser::Filesystem` that turns each kernel request into one fs
+//! request over an [`FsTransport`] and answers from a tokio task, so many requests are in
+//! flight per mount (a slow read never blocks a stat).
+//!
+//! Inode numbers are the engine's node ids, except that the mount's root node is FUSE ino 1.
+//! Proc mode (`-o proc`): at the root, `self`, `thread-self` and the PIDs of processes in the
+//! DPU's local procfs (`local_proc`, default `/local_proc`) are synthetic symlinks into the
+//! local procfs; everything else is the HOST's.
+//!
+//! Concurrency: the fuser session threads only decode, encode and spawn; all waiting happens
+//! in tasks on the given runtime. The client holds no per-request state of its own.
+
+use super::proto::{self, set, Attr, Creds, Entry, Lock, Request, Response, SetTime, Time};
+use super::{FsCallError, FsTransport};
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request as FuseRequest, TimeOrNow,
+    WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest write the kernel sends in one request (and readahead window).
+pub const MAX_WRITE: u32 = 1 << 20;
+/// The kernel's readdir buffer is one page (fs/fuse/readdir.c allocates PAGE_SIZE).
+const READDIR_SIZE: u32 = 4096;
+/// Synthetic proc-mode inodes live in the top half of the ino space (engine ids are small).
+const PROC_BASE: u64 = 1 << 63;
+const PROC_SELF: u64 = PROC_BASE | 1;
+const PROC_THREAD_SELF: u64 = PROC_BASE | 2;
+const PROC_PID: u64 = PROC_BASE | (1 << 32);
+
+/// Client-side mount options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    /// Kernel writeback cache (FUSE_WRITEBACK_CACHE).
+    pub writeback: bool,
+    /// Direct I/O for every file (otherwise only for files on HOST pseudo filesystems).
+    pub direct_io: bool,
+    pub read_only: bool,
+    pub root_squash: bool,
+    /// Proc mode and the local procfs it links into.
+    pub proc_mode: bool,
+    pub local_proc: PathBuf,
+    /// Let every user use the mount (allow_other), on by default.
+    pub allow_other: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            writeback: false,
+            direct_io: false,
+            read_only: false,
+            root_squash: false,
+            proc_mode: false,
+            local_proc: PathBuf::from("/local_proc"),
+            allow_other: true,
+        }
+    }
+}
+
+struct Inner {
+    transport: Arc<dyn FsTransport>,
+    rt: tokio::runtime::Handle,
+    opts: ClientOptions,
+    root: u64,
+}
+
+/// One mounted qtfs filesystem (cheap to clone).
+#[derive(Clone)]
+pub struct QtfsClient {
+    inner: Arc<Inner>,
+}
+
+fn system_time(t: Time) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec.into())
+    }
+}
+
+fn to_proto_time(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -(d.as_secs() as i64);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Time { sec, nsec }
+        }
+    }
+}
+
+fn kind_of_mode(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn kind_of_dtype(t: u8) -> FileType {
+    kind_of_mode(u32::from(t) << 12)
+}
+
+/// Supplementary groups of `pid` from /proc/<pid>/status (empty if it is gone).
+fn groups_of(pid: u32) -> Vec<u32> {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .take(proto::MAX_GROUPS)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn creds_of(req: &FuseRequest) -> Creds {
+    Creds {
+        uid: req.uid(),
+        gid: req.gid(),
+        groups: groups_of(req.pid()),
+    }
+}
+
+/// Credentials for fd-based ops, which the engine does not check (the open did).
+fn no_creds() -> Creds {
+    Creds::default()
+}
+
+fn errno(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+impl QtfsClient {
+    /// Attaches to `remote_path` on the engine (the `[Mount]` check happens there) and
+    /// returns a filesystem ready to be mounted.
+    pub async fn attach(
+        transport: Arc<dyn FsTransport>,
+        remote_path: &Path,
+        opts: ClientOptions,
+    ) -> Result<QtfsClient, FsCallError> {
+        let mut flags = 0;
+        if opts.read_only {
+            flags |= proto::mount_flags::READ_ONLY;
+        }
+        if opts.root_squash {
+            flags |= proto::mount_flags::ROOT_SQUASH;
+        }
+        let req = Request::Mount {
+            path: remote_path.as_os_str().as_bytes().to_vec(),
+            flags,
+        };
+        // The mount itself runs with the engine's identity: the allowlist decides.
+        let bytes = transport
+            .call(req.op(), req.encode(&Creds::default()))
+            .await?;
+        let root = match Response::decode(req.op(), &bytes) {
+            Ok(Response::Entry(e)) => e.node,
+            _ => {
+                return Err(FsCallError {
+                    errno: libc::EPROTO,
+                    message: "malformed mount reply from the engine".into(),
+                })
+            }
+        };
+        Ok(QtfsClient {
+            inner: Arc::new(Inner {
+                transport,
+                rt: tokio::runtime::Handle::current(),
+                opts,
+                root,
+            }),
+        })
+    }
+
+    /// The fuser configuration for this mount (`fsname` shows in /proc/mounts).
+    pub fn fuse_config(&self, fsname: &str) -> fuser::Config {
+        let mut c = fuser::Config::default();
+        c.mount_options = vec![
+            fuser::MountOption::FSName(fsname.to_string()),
+            fuser::MountOption::Subtype("qtfs".into()),
+            if self.inner.opts.read_only {
+                fuser::MountOption::RO
+            } else {
+                fuser::MountOption::RW
+            },
+        ];
+        if self.inner.opts.allow_other {
+            c.acl = fuser::SessionACL::All;
+        }
+        // Session threads only decode and spawn; two keep one busy copying a 1 MiB write
+        // from blocking the next request.
+        c.n_threads = Some(2);
+        c.clone_fd = true;
+        c
+    }
+
+    fn node(&self, ino: INodeNo) -> u64 {
+        if ino.0 == 1 {
+            self.inner.root
+        } else {
+            ino.0
+        }
+    }
+
+    fn ino(&self, node: u64) -> u64 {
+        if node == self.inner.root {
+            1
+        } else {
+            node
+        }
+    }
+
+    fn file_attr(&self, node: u64, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(self.ino(node)),
+            size: a.size,
+            blocks: a.blocks,
+            atime: system_time(a.atime),
+            mtime: system_time(a.mtime),
+            ctime: system_time(a.ctime),
+            crtime: system_time(a.ctime),
+            kind: kind_of_mode(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev as u32,
+            blksize: if a.blksize == 0 { 4096 } else { a.blksize },
+            flags: 0,
+        }
+    }
+
+    /// Sends `req` and calls `done` with the decoded response (or the errno) on a task.
+    fn call<F>(&self, req: Request, creds: Creds, done: F)
+    where
+        F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
+    {
+        let op = req.op();
+        let payload = req.encode(&creds);
+        let me = self.clone();
+        self.inner.rt.spawn(async move {
+            let r = match me.inner.transport.call(op, payload).await {
+                Ok(b) => Response::decode(op, &b).map_err(|e| {
+                    tracing::warn!(op, error = %e, "malformed qtfs reply");
+                    libc::EIO
+                }),
+                Err(e) => Err(e.errno),
+            };
+            done(&me, r);
+        });
+    }
+
+    fn reply_entry(&self, r: Result<Response, i32>, reply: ReplyEntry) {
+        match r {
+            Ok(Response::Entry(e)) => self.send_entry(&e, reply),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn send_entry(&self, e: &Entry, reply: ReplyEntry) {
+        let o = &self.inner.opts;
+        reply.entry_with_ttls(
+            &o.attr_ttl,
+            &o.entry_ttl,
+            &self.file_attr(e.node, &e.attr),
+            Generation(0),
+        );
+    }
+
+    fn reply_empty(r: Result<Response, i32>, reply: ReplyEmpty) {
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open_flags(&self, server_flags: u32) -> FopenFlags {
+        if self.inner.opts.direct_io || server_flags & proto::open_flags::PSEUDO_FS != 0 {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    /// With the writeback cache the kernel reads pages of write-only files and handles
+    /// O_APPEND itself, so the engine must open them read-write and without O_APPEND.
+    fn adjust_open(&self, flags: i32) -> i32 {
+        if !self.inner.opts.writeback {
+            return flags;
+        }
+        let mut f = flags & !libc::O_APPEND;
+        if f & libc::O_ACCMODE == libc::O_WRONLY {
+            f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        f
+    }
+
+    // ---- proc mode
+
+    fn proc_lookup(&self, name: &OsStr) -> Option<(u64, PathBuf)> {
+        let o = &self.inner.opts;
+        let b = name.as_bytes();
+        let (ino, tail) = match b {
+            b"self" => (PROC_SELF, "self".to_string()),
+            b"thread-self" => (PROC_THREAD_SELF, "thread-self".to_string()),
+            _ if !b.is_empty() && b.len() <= 10 && b.iter().all(u8::is_ascii_digit) => {
+                let pid: u32 = std::str::from_utf8(b).ok()?.parse().ok()?;
+                if !o.local_proc.join(pid.to_string()).exists() {
+                    return None;
+                }
+                (PROC_PID | u64::from(pid), pid.to_string())
+            }
+            _ => return None,
+        };
+        Some((ino, o.local_proc.join(tail)))
+    }
+
+    fn proc_target(&self, ino: u64) -> Option<PathBuf> {
+        let lp = &self.inner.opts.local_proc;
+        match ino {
+            PROC_SELF => Some(lp.join("self")),
+            PROC_THREAD_SELF => Some(lp.join("thread-self")),
+            i if i & PROC_PID == PROC_PID => Some(lp.join((i & 0xffff_ffff).to_string())),
+            _ => None,
+        }
+    }
+
+    fn proc_attr(&self, ino: u64, target: &Path) -> FileAttr {
+        let now = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(ino),
+            size: target.as_os_str().len() as u64,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind: FileType::Symlink,
+            perm: 0o777,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for QtfsClient {
+    fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        if let Err(max) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let mut wanted = vec![
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ];
+        if self.inner.opts.writeback {
+            wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for f in wanted {
+            // Kernels without a capability simply run without it.
+            let _ = config.add_capabilities(f);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if self.inner.opts.proc_mode && parent.0 == 1 {
+            if let Some((ino, target)) = self.proc_lookup(name) {
+                // Processes come and go: never cache these entries.
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &Duration::ZERO,
+                    &self.proc_attr(ino, &target),
+                    Generation(0),
+                );
+                return;
+            }
+        }
+        let r = Request::Lookup {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+    }
+
+    fn forget(&self, _req: &FuseRequest, ino: INodeNo, nlookup: u64) {
+        if ino.0 & PROC_BASE != 0 || ino.0 == 1 {
+            return;
+        }
+        self.call(
+            Request::Forget {
+                items: vec![(ino.0, nlookup)],
+            },
+            no_creds(),
+            |_, _| {},
+        );
+    }
+
+    fn getattr(&self, _req: &FuseRequest, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(t) = self.proc_target(ino.0) {
+            reply.attr(&Duration::ZERO, &self.proc_attr(ino.0, &t));
+            return;
+        }
+        let node = self.node(ino);
+        self.call(
+            Request::Getattr {
+                node,
+                fh: fh.map(|f| f.0),
+            },
+            no_creds(),
+            move |me, r| match r {
+                Ok(Response::Attr(a)) => {
+                    reply.attr(&me.inner.opts.attr_ttl, &me.file_attr(node, &a))
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn setattr(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let st = |t: Option<TimeOrNow>| match t {
+            None => SetTime::Omit,
+            Some(TimeOrNow::Now) => SetTime::Now,
+            Some(TimeOrNow::SpecificTime(t)) => SetTime::At(to_proto_time(t)),
+        };
+        let mut valid = 0;
+        for (cond, bit) in [
+            (mode.is_some(), set::MODE),
+            (uid.is_some(), set::UID),
+            (gid.is_some(), set::GID),
+            (size.is_some(), set::SIZE),
+            (atime.is_some(), set::ATIME),
+            (mtime.is_some(), set::MTIME),
+        ] {
+            if cond {
+                valid |= bit;
+            }
+        }
+        let s = proto::SetAttr {
+            valid,
+            mode: mode.unwrap_or(0),
+            uid: uid.unwrap_or(0),
+            gid: gid.unwrap_or(0),
+            size: size.unwrap_or(0),
+            atime: st(atime),
+            mtime: st(mtime),
+        };
+        let node = self.node(ino);
+        self.call(
+            Request::Setattr {
+                node,
+                fh: fh.map(|f| f.0),
+                set: s,
+            },
+            creds_of(req),
+            move |me, r| match r {
+                Ok(Response::Attr(a)) => {
+                    reply.attr(&me.inner.opts.attr_ttl, &me.file_attr(node, &a))
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn readlink(&self, req: &FuseRequest, ino: INodeNo, reply: ReplyData) {
+        if let Some(t) = self.proc_target(ino.0) {
+            reply.data(t.as_os_str().as_bytes());
+            return;
+        }
+        self.call(
+            Request::Readlink {
+                node: self.node(ino),
+            },
+            creds_of(req),
+            |_, r| match r {
+                Ok(Response::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn mknod(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = Request::Mknod {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+            mode,
+            umask,
+            rdev: rdev.into(),
+        };
+        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+    }
+
+    fn mkdir(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = Request::Mkdir {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+            mode,
+            umask,
+        };
+        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+    }
+
+    fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = Request::Unlink {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+    }
+
+    fn rmdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = Request::Rmdir {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+    }
+
+    fn symlink(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = Request::Symlink {
+            parent: self.node(parent),
+            name: link_name.as_bytes().to_vec(),
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+    }
+
+    fn rename(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = Request::Rename {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+            newparent: self.node(newparent),
+            newname: newname.as_bytes().to_vec(),
+            flags: flags.bits(),
+        };
+        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+    }
+
+    fn link(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = Request::Link {
+            node: self.node(ino),
+            newparent: self.node(newparent),
+            newname: newname.as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+    }
+
+    fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = Request::Open {
+            node: self.node(ino),
+            flags: self.adjust_open(flags.0),
+        };
+        self.call(r, creds_of(req), |me, r| match r {
+            Ok(Response::Opened { fh, flags }) => {
+                reply.opened(FileHandle(fh), me.open_flags(flags))
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.call(
+            Request::Read {
+                fh: fh.0,
+                offset,
+                size,
+            },
+            no_creds(),
+            |_, r| match r {
+                Ok(Response::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = Request::Write {
+            fh: fh.0,
+            offset,
+            data: Bytes::copy_from_slice(data),
+        };
+        self.call(r, no_creds(), |_, r| match r {
+            Ok(Response::Count(n)) => reply.written(n as u32),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.call(
+            Request::Flush {
+                fh: fh.0,
+                owner: lock_owner.0,
+            },
+            no_creds(),
+            |_, r| Self::reply_empty(r, reply),
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
+            Self::reply_empty(r, reply)
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.call(Request::Fsync { fh: fh.0, datasync }, no_creds(), |_, r| {
+            Self::reply_empty(r, reply)
+        });
+    }
+
+    fn opendir(&self, req: &FuseRequest, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.call(
+            Request::Opendir {
+                node: self.node(ino),
+            },
+            creds_of(req),
+            |_, r| match r {
+                Ok(Response::Opened { fh, .. }) => {
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn readdir(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = Request::Readdir {
+            node: self.node(ino),
+            fh: fh.0,
+            offset,
+            size: READDIR_SIZE,
+            plus: false,
+        };
+        self.call(r, creds_of(req), |_, r| match r {
+            Ok(Response::Dir(entries)) => {
+                for e in entries {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.offset,
+                        kind_of_dtype(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let r = Request::Readdir {
+            node: self.node(ino),
+            fh: fh.0,
+            offset,
+            size: READDIR_SIZE,
+            plus: true,
+        };
+        self.call(r, creds_of(req), move |me, r| match r {
+            Ok(Response::Dir(entries)) => {
+                let o = &me.inner.opts;
+                let mut undelivered = Vec::new();
+                let mut full = false;
+                for e in entries {
+                    if full {
+                        if let Some(en) = e.entry {
+                            undelivered.push((en.node, 1));
+                        }
+                        continue;
+                    }
+                    let (attr, node) = match &e.entry {
+                        Some(en) => (me.file_attr(en.node, &en.attr), Some(en.node)),
+                        // `.` and `..`: the kernel does not link these, so no lookup is
+                        // counted; describe them as directories of this inode.
+                        None => {
+                            let mut a = me.file_attr(
+                                0,
+                                &Attr {
+                                    mode: libc::S_IFDIR | 0o755,
+                                    ..Attr::default()
+                                },
+                            );
+                            a.ino = ino;
+                            (a, None)
+                        }
+                    };
+                    if reply.add(
+                        attr.ino,
+                        e.offset,
+                        OsStr::from_bytes(&e.name),
+                        &o.entry_ttl,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        full = true;
+                        if let Some(n) = node {
+                            undelivered.push((n, 1));
+                        }
+                    }
+                }
+                reply.ok();
+                if !undelivered.is_empty() {
+                    me.call(
+                        Request::Forget { items: undelivered },
+                        no_creds(),
+                        |_, _| {},
+                    );
+                }
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
+            Self::reply_empty(r, reply)
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.call(Request::Fsync { fh: fh.0, datasync }, no_creds(), |_, r| {
+            Self::reply_empty(r, reply)
+        });
+    }
+
+    fn statfs(&self, _req: &FuseRequest, ino: INodeNo, reply: ReplyStatfs) {
+        let node = if ino.0 & PROC_BASE != 0 {
+            self.inner.root
+        } else {
+            self.node(ino)
+        };
+        self.call(Request::Statfs { node }, no_creds(), |_, r| match r {
+            Ok(Response::Statfs(s)) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = Request::Setxattr {
+            node: self.node(ino),
+            name: name.as_bytes().to_vec(),
+            flags,
+            value: Bytes::copy_from_slice(value),
+        };
+        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+    }
+
+    fn getxattr(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let r = Request::Getxattr {
+            node: self.node(ino),
+            name: name.as_bytes().to_vec(),
+            size,
+        };
+        self.call(r, creds_of(req), move |_, r| reply_xattr(r, size, reply));
+    }
+
+    fn listxattr(&self, req: &FuseRequest, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.call(
+            Request::Listxattr {
+                node: self.node(ino),
+                size,
+            },
+            creds_of(req),
+            move |_, r| reply_xattr(r, size, reply),
+        );
+    }
+
+    fn removexattr(&self, req: &FuseRequest, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = Request::Removexattr {
+            node: self.node(ino),
+            name: name.as_bytes().to_vec(),
+        };
+        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+    }
+
+    fn access(&self, req: &FuseRequest, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if ino.0 & PROC_BASE != 0 {
+            reply.ok();
+            return;
+        }
+        self.call(
+            Request::Access {
+                node: self.node(ino),
+                mask: mask.bits(),
+            },
+            creds_of(req),
+            |_, r| Self::reply_empty(r, reply),
+        );
+    }
+
+    fn create(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = Request::Create {
+            parent: self.node(parent),
+            name: name.as_bytes().to_vec(),
+            mode,
+            umask,
+            flags: self.adjust_open(flags),
+        };
+        self.call(r, creds_of(req), |me, r| match r {
+            Ok(Response::Created { entry, fh, flags }) => reply.created(
+                &me.inner.opts.entry_ttl,
+                &me.file_attr(entry.node, &entry.attr),
+                Generation(0),
+                FileHandle(fh),
+                me.open_flags(flags),
+            ),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let r = Request::Getlk {
+            fh: fh.0,
+            owner: lock_owner.0,
+            lock: Lock {
+                start,
+                end,
+                typ,
+                pid,
+            },
+        };
+        self.call(r, no_creds(), |_, r| match r {
+            Ok(Response::Lock(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let req = Request::Setlk {
+            fh: fh.0,
+            owner: lock_owner.0,
+            lock: Lock {
+                start,
+                end,
+                typ,
+                pid,
+            },
+        };
+        let me = self.clone();
+        // F_SETLKW: the engine only takes locks without blocking (a blocked pool thread
+        // would stall other requests), so waiting is a retry loop here, with backoff.
+        self.inner.rt.spawn(async move {
+            let op = req.op();
+            let payload = req.encode(&no_creds());
+            let mut delay = Duration::from_millis(5);
+            loop {
+                match me.inner.transport.call(op, payload.clone()).await {
+                    Ok(_) => return reply.ok(),
+                    Err(e) if sleep && (e.errno == libc::EAGAIN || e.errno == libc::EACCES) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(200));
+                    }
+                    Err(e) => return reply.error(errno(e.errno)),
+                }
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.call(
+            Request::Fallocate {
+                fh: fh.0,
+                offset,
+                length,
+                mode,
+            },
+            no_creds(),
+            |_, r| Self::reply_empty(r, reply),
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.call(
+            Request::Lseek {
+                fh: fh.0,
+                offset,
+                whence,
+            },
+            no_creds(),
+            |_, r| match r {
+                Ok(Response::Offset(o)) => reply.offset(o),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &FuseRequest,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = Request::CopyFileRange {
+            fh_in: fh_in.0,
+            off_in: offset_in,
+            fh_out: fh_out.0,
+            off_out: offset_out,
+            // FUSE replies carry a u32 count.
+            len: len.min(u64::from(u32::MAX)),
+            flags: flags.bits() as u32,
+        };
+        self.call(r, no_creds(), |_, r| match r {
+            Ok(Response::Count(n)) => reply.written(n as u32),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+}
+
+fn reply_xattr(r: Result<Response, i32>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(Response::Data(d)) if size == 0 => reply.size(d.len() as u32),
+        Ok(Response::Data(d)) if d.len() > size as usize => {
+            reply.error(Errno::from_i32(libc::ERANGE))
+        }
+        Ok(Response::Data(d)) => reply.data(&d),
+        Ok(_) => reply.error(Errno::EIO),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_convert_both_ways_including_before_epoch() {
+        for t in [
+            Time { sec: 0, nsec: 0 },
+            Time {
+                sec: 1_700_000_000,
+                nsec: 5,
+            },
+            Time {
+                sec: -2,
+                nsec: 250_000_000,
+            },
+        ] {
+            assert_eq!(to_proto_time(system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn kinds_follow_mode_bits() {
+        assert_eq!(kind_of_mode(libc::S_IFDIR | 0o755), FileType::Directory);
+        assert_eq!(kind_of_mode(libc::S_IFIFO), FileType::NamedPipe);
+        assert_eq!(kind_of_dtype(libc::DT_LNK), FileType::Symlink);
+        assert_eq!(kind_of_dtype(libc::DT_REG), FileType::RegularFile);
+    }
+
+    #[test]
+    fn groups_of_reads_our_own_status() {
+        let mine = groups_of(std::process::id());
+        // SAFETY-free check against getgroups via nix.
+        let expect: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        assert_eq!(mine, expect);
+        assert!(groups_of(u32::MAX).is_empty());
+    }
+}

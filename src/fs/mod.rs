@@ -1,0 +1,87 @@
+//! qtfs: HOST directories mounted on the DPU with local-file semantics.
+//!
+//! - [`proto`]: request/response messages and their binary encoding (ops 0x0100..=0x01FF).
+//! - [`server`]: the engine-side executor ([`server::FsServer`]): node and file-handle tables,
+//!   escape-proof resolution (openat2 RESOLVE_BENEATH), the per-op allowlist gate, the
+//!   caller's credentials per syscall on a bounded pool of dedicated threads.
+//! - [`client`]: the FUSE filesystem (fuser) that turns kernel requests into fs requests and
+//!   answers them asynchronously from tokio tasks.
+//! - [`mount`]: `mount.qtfs` / `dpuctl mount`: option parsing, daemonising, one process per mount.
+//!
+//! The fs code talks to the link only through [`FsTransport`], so it runs unchanged over the
+//! authenticated wire link or in-process ([`InProcessTransport`], used by tests).
+//!
+//! Integration point (not in this module): `impl FsTransport for LinkTransport` wraps a
+//! `wire::Link` — `link.call(op, payload)` mapping `CallError::Remote(e)` to
+//! `FsCallError { errno: e.errno }`, `Closed` to ENOTCONN, `Timeout` to ETIMEDOUT and
+//! `TooLarge` to EFBIG — and the engine's `wire::Service` forwards ops for which
+//! [`proto::op::is_fs`] holds to [`server::FsServer::handle`].
+//!
+//! Concurrency: see each submodule; all shared state is behind `Arc` and short `Mutex`es.
+
+pub mod client;
+pub mod mount;
+pub mod proto;
+pub mod server;
+mod sys;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+/// A failed fs call: the HOST's errno (or a local one: ENOTCONN for a dead link, EIO for a
+/// malformed reply) plus a message for logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (errno {errno})")]
+pub struct FsCallError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl FsCallError {
+    pub fn errno(errno: i32) -> Self {
+        FsCallError {
+            errno,
+            message: std::io::Error::from_raw_os_error(errno).to_string(),
+        }
+    }
+}
+
+/// An errno returned by the engine-side executor; the wire layer carries it unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", std::io::Error::from_raw_os_error(self.0))]
+pub struct Errno(pub i32);
+
+impl From<std::io::Error> for Errno {
+    fn from(e: std::io::Error) -> Self {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+/// How the fs client reaches an engine: one request, one response, many in flight.
+pub trait FsTransport: Send + Sync + 'static {
+    fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, FsCallError>>;
+}
+
+/// Calls an [`server::FsServer`] in the same process (tests, benchmarks, loopback setups).
+pub struct InProcessTransport {
+    server: Arc<server::FsServer>,
+}
+
+impl InProcessTransport {
+    pub fn new(server: Arc<server::FsServer>) -> Self {
+        InProcessTransport { server }
+    }
+}
+
+impl FsTransport for InProcessTransport {
+    fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, FsCallError>> {
+        let server = self.server.clone();
+        Box::pin(async move {
+            server
+                .handle(op, payload)
+                .await
+                .map_err(|e| FsCallError::errno(e.0))
+        })
+    }
+}

@@ -1,0 +1,485 @@
+//! `mount.qtfs` and `dpuctl mount`: mounts one HOST directory through the engine, one
+//! process per mount (like sshfs).
+//!
+//! Calling convention (mount(8) helper): `mount.qtfs REMOTE LOCAL [-o opts] [-s] [-f] [-n] [-v]`,
+//! so `mount -t qtfs /var/lib/docker /mnt` and an `/etc/fstab` line both work. The process
+//! daemonises only after the FUSE mount is live; until then the parent waits on a pipe and
+//! exits non-zero with the child's one-line error, leaving nothing mounted. `umount LOCAL`
+//! ends the session and the process exits 0. SIGTERM/SIGINT unmount (lazily) and exit.
+//!
+//! Exit codes: 0 mounted (or unmounted cleanly with `-f`), 1 mount failed, 2 usage error.
+//!
+//! Concurrency: one tokio runtime per process drives the transport and the FUSE replies;
+//! fuser runs its own session threads.
+
+use super::client::{ClientOptions, QtfsClient};
+use super::FsTransport;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The engine's default file-service address (DESIGN.md §4: qtfs port 12345).
+pub const DEFAULT_SERVER: &str = "127.0.0.1:12345";
+/// The default pre-shared key file.
+pub const DEFAULT_KEY: &str = "/etc/dpuctl/psk";
+
+/// Errors of the mount helper; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("usage: mount.qtfs REMOTE_PATH LOCAL_DIR [-o server=ADDR,key=FILE,ro,proc,...] [-f] [-s] [-n] [-v] ({0})")]
+    Usage(String),
+    #[error("bad mount option '{0}': see docs/qtfs.md for the supported options")]
+    BadOption(String),
+    #[error("mount point {path}: {source} (create the directory first)")]
+    LocalDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("remote path '{0}' must be absolute")]
+    RemotePath(PathBuf),
+    #[error("cannot connect to engine {server}: this build has no wire transport wired into mount.qtfs yet (fs::mount::connect)")]
+    NoWireLayer { server: String },
+    #[error("engine refused to mount {remote}: {source}{hint}")]
+    Attach {
+        remote: PathBuf,
+        source: super::FsCallError,
+        hint: &'static str,
+    },
+    #[error("FUSE mount on {path} failed: {source} (is /dev/fuse present and are you root?)")]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("could not daemonise: {0}")]
+    Daemon(String),
+}
+
+/// Parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountArgs {
+    pub remote: PathBuf,
+    pub local: PathBuf,
+    pub server: String,
+    pub key: PathBuf,
+    pub insecure: bool,
+    pub foreground: bool,
+    pub verbose: bool,
+    pub client: ClientOptions,
+}
+
+fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| MountError::BadOption(opt.to_string()))
+}
+
+/// Applies one `-o` list. Generic options mount(8) passes are accepted and ignored.
+pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
+    for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let need = || {
+            v.filter(|v| !v.is_empty())
+                .ok_or_else(|| MountError::BadOption(opt.to_string()))
+        };
+        match k {
+            "server" => m.server = need()?.to_string(),
+            "key" => m.key = PathBuf::from(need()?),
+            "insecure" => m.insecure = true,
+            "ro" => m.client.read_only = true,
+            "rw" => m.client.read_only = false,
+            "proc" => m.client.proc_mode = true,
+            "local_proc" => m.client.local_proc = PathBuf::from(need()?),
+            "attr_timeout" => m.client.attr_ttl = secs(need()?, opt)?,
+            "entry_timeout" => m.client.entry_ttl = secs(need()?, opt)?,
+            "writeback" | "writeback_cache" => m.client.writeback = true,
+            "direct_io" => m.client.direct_io = true,
+            "allow_other" => m.client.allow_other = true,
+            "noallow_other" => m.client.allow_other = false,
+            "root_squash" => m.client.root_squash = true,
+            "no_root_squash" => m.client.root_squash = false,
+            // Generic options from mount(8)/fstab that mean nothing to a FUSE client.
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
+            | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime" | "noatime"
+            | "relatime" | "norelatime" | "strictatime" | "diratime" | "nodiratime" | "sync"
+            | "async" | "owner" | "group" | "comment" | "loop" => {}
+            _ if k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ => return Err(MountError::BadOption(opt.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Parses `REMOTE LOCAL [-o opts] [-s] [-f] [-n] [-v]` (`args[0]` is the program name).
+pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
+    let mut pos: Vec<PathBuf> = Vec::new();
+    let mut m = MountArgs {
+        remote: PathBuf::new(),
+        local: PathBuf::new(),
+        server: DEFAULT_SERVER.to_string(),
+        key: PathBuf::from(DEFAULT_KEY),
+        insecure: false,
+        foreground: false,
+        verbose: false,
+        client: ClientOptions::default(),
+    };
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| MountError::Usage("-o needs a value".into()))?;
+                let v = v
+                    .to_str()
+                    .ok_or_else(|| MountError::BadOption(v.to_string_lossy().into()))?;
+                apply_options(v, &mut m)?;
+            }
+            Some(o) if o.starts_with("-o") && o.len() > 2 => apply_options(&o[2..], &mut m)?,
+            Some("-f") => m.foreground = true,
+            Some("-v") => m.verbose = true,
+            // -s (sloppy: tolerate unknown options is handled by ignoring generic ones) and
+            // -n (do not write /etc/mtab: there is none to write) need nothing.
+            Some("-s") | Some("-n") => {}
+            Some("-h") | Some("--help") => return Err(MountError::Usage("help".into())),
+            Some(o) if o.starts_with('-') && o.len() > 1 => {
+                return Err(MountError::Usage(format!("unknown flag {o}")))
+            }
+            _ => pos.push(PathBuf::from(a)),
+        }
+    }
+    let [remote, local]: [PathBuf; 2] = pos.try_into().map_err(|p: Vec<PathBuf>| {
+        MountError::Usage(format!("expected 2 paths, got {}", p.len()))
+    })?;
+    if !remote.is_absolute() {
+        return Err(MountError::RemotePath(remote));
+    }
+    m.remote = remote;
+    m.local = local;
+    Ok(m)
+}
+
+/// Connects to the engine's file service. The integrator fills this with `wire::dial`
+/// (TCP or vsock, pre-shared key from `key`, `insecure` test mode) wrapped in a
+/// `LinkTransport`; until then it fails with a clear message.
+pub fn connect(
+    server: &str,
+    _key: &Path,
+    _insecure: bool,
+) -> Result<Arc<dyn FsTransport>, MountError> {
+    Err(MountError::NoWireLayer {
+        server: server.to_string(),
+    })
+}
+
+/// A live mount; unmounts (and joins the session) when dropped.
+pub struct MountHandle {
+    session: Option<fuser::BackgroundSession>,
+    local: PathBuf,
+}
+
+impl MountHandle {
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.local
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => {
+                let r = s.umount_and_join();
+                if r.is_err() {
+                    // Busy (a test still holds a file): detach so nothing stays mounted.
+                    let _ = nix::mount::umount2(&self.local, nix::mount::MntFlags::MNT_DETACH);
+                }
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Blocks until the file system is unmounted from outside (`umount LOCAL`).
+    pub fn wait(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::warn!(path = %self.local.display(), error = %e, "qtfs unmount failed; detached instead");
+        }
+    }
+}
+
+/// Attaches `remote` over `transport` and mounts it on `local` (must exist). Must be called
+/// from within a tokio runtime context (`rt.enter()` or inside `block_on`'s caller thread).
+pub async fn mount_with_transport(
+    transport: Arc<dyn FsTransport>,
+    remote: &Path,
+    local: &Path,
+    opts: ClientOptions,
+) -> Result<MountHandle, MountError> {
+    let meta = std::fs::metadata(local).map_err(|e| MountError::LocalDir {
+        path: local.into(),
+        source: e,
+    })?;
+    if !meta.is_dir() {
+        return Err(MountError::LocalDir {
+            path: local.into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        });
+    }
+    let client = QtfsClient::attach(transport, remote, opts)
+        .await
+        .map_err(|e| MountError::Attach {
+            remote: remote.into(),
+            hint: match e.errno {
+                libc::EACCES => {
+                    " (add it to the engine's [Mount] allowlist: qtcfg -w mount -x PATH)"
+                }
+                libc::ENOENT => " (the path does not exist on the HOST)",
+                _ => "",
+            },
+            source: e,
+        })?;
+    let config = client.fuse_config(&format!("qtfs:{}", remote.display()));
+    let local_owned = local.to_path_buf();
+    let session =
+        tokio::task::spawn_blocking(move || fuser::spawn_mount(client, &local_owned, &config))
+            .await
+            .map_err(|e| MountError::Runtime(std::io::Error::other(e)))?
+            .map_err(|e| MountError::Fuse {
+                path: local.into(),
+                source: e,
+            })?;
+    Ok(MountHandle {
+        session: Some(session),
+        local: local.to_path_buf(),
+    })
+}
+
+/// Entry point for `mount.qtfs ...` and `dpuctl mount ...` (`args[0]` is the program name).
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let m = match parse_args(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("mount.qtfs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let level = if m.verbose { "debug" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    if m.foreground {
+        return match serve(&m, |_| {}) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mount.qtfs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match daemonise(&m) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mount.qtfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Forks before any thread exists; the child mounts and reports "OK" or its error line
+/// through a pipe; the parent exits with the outcome.
+fn daemonise(m: &MountArgs) -> Result<ExitCode, MountError> {
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| MountError::Daemon(e.to_string()))?;
+    // SAFETY: no other thread exists yet in this process (no runtime has been built), so
+    // the child may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() }.map_err(|e| MountError::Daemon(e.to_string()))? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            if msg == "OK" {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                let msg = if msg.is_empty() {
+                    "mount process died before the mount was ready".into()
+                } else {
+                    msg
+                };
+                eprintln!("mount.qtfs: {msg}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            let wr_cell = std::cell::RefCell::new(Some(wr));
+            let r = serve(m, |_| {
+                if let Some(w) = wr_cell.borrow_mut().take() {
+                    let _ = std::fs::File::from(w).write_all(b"OK");
+                    detach_stdio();
+                }
+            });
+            if let (Err(e), Some(w)) = (&r, wr_cell.borrow_mut().take()) {
+                let _ = std::fs::File::from(w).write_all(e.to_string().as_bytes());
+            }
+            std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let fd: OwnedFd = null.into();
+        for target in 0..=2 {
+            // SAFETY: replaces fds 0-2 (which this process owns and keeps open as std's
+            // stdio) with /dev/null; no Rust object owns them as OwnedFd.
+            unsafe { libc::dup2(fd.as_raw_fd(), target) };
+        }
+    }
+}
+
+/// Connects, mounts, signals readiness, then waits for `umount` or SIGTERM/SIGINT.
+fn serve(m: &MountArgs, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(MountError::Runtime)?;
+    let transport = connect(&m.server, &m.key, m.insecure)?;
+    let handle = rt.block_on(mount_with_transport(
+        transport,
+        &m.remote,
+        &m.local,
+        m.client.clone(),
+    ))?;
+    ready(&m.local);
+    let local = m.local.clone();
+    rt.block_on(async move {
+        let waiter = tokio::task::spawn_blocking(move || handle.wait());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            r = waiter => { let _ = r; }
+            _ = tokio::signal::ctrl_c() => { let _ = nix::mount::umount2(&local, nix::mount::MntFlags::MNT_DETACH); }
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                let _ = nix::mount::umount2(&local, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<OsString> {
+        std::iter::once("mount.qtfs")
+            .chain(s.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn mount8_calling_convention_parses() {
+        let m = parse_args(&args(&[
+            "/var/lib/docker",
+            "/mnt",
+            "-o",
+            "rw,server=10.0.0.2:12345,proc,local_proc=/lp,attr_timeout=2.5,entry_timeout=0,writeback,noallow_other,_netdev,x-systemd.automount,defaults",
+            "-s",
+            "-n",
+        ]))
+        .unwrap();
+        assert_eq!(m.remote, PathBuf::from("/var/lib/docker"));
+        assert_eq!(m.local, PathBuf::from("/mnt"));
+        assert_eq!(m.server, "10.0.0.2:12345");
+        assert!(
+            m.client.proc_mode
+                && m.client.writeback
+                && !m.client.allow_other
+                && !m.client.read_only
+        );
+        assert_eq!(m.client.local_proc, PathBuf::from("/lp"));
+        assert_eq!(m.client.attr_ttl, Duration::from_millis(2500));
+        assert_eq!(m.client.entry_ttl, Duration::ZERO);
+        assert!(!m.foreground);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let m = parse_args(&args(&[
+            "/proc",
+            "/mnt/p",
+            "-f",
+            "-oro,direct_io,root_squash",
+        ]))
+        .unwrap();
+        assert_eq!(m.server, DEFAULT_SERVER);
+        assert!(
+            m.foreground
+                && m.client.read_only
+                && m.client.direct_io
+                && m.client.root_squash
+                && m.client.allow_other
+        );
+        assert!(matches!(
+            parse_args(&args(&["/a"])),
+            Err(MountError::Usage(_))
+        ));
+        assert!(matches!(
+            parse_args(&args(&["rel", "/mnt"])),
+            Err(MountError::RemotePath(_))
+        ));
+        assert!(
+            matches!(parse_args(&args(&["/a", "/b", "-o", "bogus"])), Err(MountError::BadOption(o)) if o == "bogus")
+        );
+        assert!(matches!(
+            parse_args(&args(&["/a", "/b", "-o", "attr_timeout=-1"])),
+            Err(MountError::BadOption(_))
+        ));
+        assert!(matches!(
+            parse_args(&args(&["/a", "/b", "-o", "server="])),
+            Err(MountError::BadOption(_))
+        ));
+        assert!(matches!(
+            parse_args(&args(&["/a", "/b", "-x"])),
+            Err(MountError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn connect_names_the_missing_wire_layer() {
+        let e = connect("127.0.0.1:1", Path::new(DEFAULT_KEY), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no wire transport"), "{e}");
+    }
+}

@@ -1,0 +1,1451 @@
+//! The engine-side qtfs executor: decodes fs requests, checks them against the allowlists in
+//! one gate (`FsServer::gate`), and performs them on the HOST with the caller's credentials.
+//!
+//! Handles: a node table (node id -> O_PATH fd) and a file-handle table (fh -> open fd), both
+//! per `FsServer`, i.e. per client connection, so everything a client held is closed when its
+//! link goes away. Nodes are created only by resolving one client-supplied name component at
+//! a time with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) beneath
+//! an already-resolved directory fd: no `..`, no `/`, no symlink is ever followed on the HOST
+//! (the DPU kernel reads links and resolves them itself), and because operations address
+//! inodes by fd, renaming a directory during resolution cannot move a request outside the
+//! exported root.
+//!
+//! Allowlist semantics follow the original qtfs server (`in_white_list`): `[Mount]` is always
+//! required (default deny); every other type restricts only when its list has entries — an
+//! empty `[Open]` means "no restriction beyond `[Mount]`". Matching uses the HOST path the fd
+//! refers to at that moment (`/proc/self/fd`), by whole components.
+//!
+//! Concurrency: syscalls run on an [`FsPool`] of dedicated threads (the engine's `<threads>`),
+//! shared by every connection; each thread switches its own fsuid/fsgid/groups per request,
+//! so a slow read occupies one thread while stats proceed on the others. Table mutexes are
+//! held only for map operations, never across a syscall or an await.
+
+use super::proto::{
+    self, mount_flags, set, Attr, Creds, DirEntry, Entry, Lock, Request, Response, SetTime, Time,
+};
+use super::sys;
+use super::Errno;
+use crate::allowlist::{ListType, SharedAllowlist};
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// Largest read the engine serves in one request (the client asks for at most max_read).
+const MAX_READ: u32 = 16 << 20;
+/// XATTR_SIZE_MAX from linux/limits.h.
+const XATTR_MAX: usize = 65536;
+/// NAME_MAX from linux/limits.h.
+const NAME_MAX: usize = 255;
+/// uid/gid "nobody" used by root squashing.
+const NOBODY: u32 = 65534;
+
+// ---------------------------------------------------------------- policy
+
+/// What the gate asks of the allowlists. Implemented for the daemon's [`SharedAllowlist`];
+/// [`StaticPolicy`] serves embedders and tests.
+pub trait FsPolicy: Send + Sync + 'static {
+    /// True when the list of type `t` has entries (and therefore restricts).
+    fn restricted(&self, t: ListType) -> bool;
+    /// True when `host_path` is an entry of type `t` or lies below one (whole components).
+    fn allows(&self, t: ListType, host_path: &Path) -> bool;
+}
+
+impl FsPolicy for SharedAllowlist {
+    fn restricted(&self, t: ListType) -> bool {
+        // A poisoned lock still holds a consistent list (writers replace it whole).
+        let a = self.read().unwrap_or_else(|e| e.into_inner());
+        !a.entries(t).is_empty()
+    }
+    fn allows(&self, t: ListType, host_path: &Path) -> bool {
+        let a = self.read().unwrap_or_else(|e| e.into_inner());
+        a.allows(t, host_path)
+    }
+}
+
+/// A fixed set of lists (component-wise prefix match on absolute paths).
+#[derive(Debug, Clone, Default)]
+pub struct StaticPolicy {
+    lists: HashMap<ListType, Vec<PathBuf>>,
+}
+
+impl StaticPolicy {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds `path` to the list of type `t`.
+    pub fn with(mut self, t: ListType, path: impl Into<PathBuf>) -> Self {
+        self.lists.entry(t).or_default().push(path.into());
+        self
+    }
+}
+
+impl FsPolicy for StaticPolicy {
+    fn restricted(&self, t: ListType) -> bool {
+        self.lists.get(&t).is_some_and(|l| !l.is_empty())
+    }
+    fn allows(&self, t: ListType, host_path: &Path) -> bool {
+        // Path::starts_with compares whole components: /a/b covers /a/b/c, not /a/bc.
+        self.lists
+            .get(&t)
+            .is_some_and(|l| l.iter().any(|p| host_path.starts_with(p)))
+    }
+}
+
+// ---------------------------------------------------------------- pool
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A bounded pool of dedicated threads for fs syscalls (the engine's `<threads>`).
+/// Dedicated, not tokio's blocking pool, because each thread changes its own fsuid/fsgid,
+/// groups and umask, which must never leak into unrelated blocking work.
+pub struct FsPool {
+    /// Job queue; workers take turns receiving. Dropping the pool closes it and the
+    /// workers exit after finishing what they hold.
+    tx: Mutex<mpsc::Sender<Job>>,
+    threads: usize,
+}
+
+thread_local! {
+    /// The credentials this pool thread currently has (None: the engine's own).
+    static CURRENT: RefCell<Option<Creds>> = const { RefCell::new(None) };
+}
+
+impl FsPool {
+    /// Starts `threads` worker threads (at least 1).
+    pub fn new(threads: usize) -> io::Result<Arc<FsPool>> {
+        sys::raise_nofile();
+        let threads = threads.max(1);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new().name(format!("qtfs-io-{i}")).spawn(move || {
+                if let Err(e) = sys::private_fs_umask_zero() {
+                    tracing::warn!(error = %e, "qtfs worker could not get a private umask; created files follow the engine's umask");
+                }
+                loop {
+                    let job = {
+                        let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
+                        guard.recv()
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => break,
+                    }
+                }
+            })?;
+        }
+        Ok(Arc::new(FsPool {
+            tx: Mutex::new(tx),
+            threads,
+        }))
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f` on a worker, as `creds` when given (otherwise with whatever identity the
+    /// thread has: used for fd-based ops, whose permission was checked at open).
+    async fn run<T, F>(&self, creds: Option<Creds>, f: F) -> Result<T, Errno>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let r = match creds {
+                Some(c) => assume(&c).and_then(|()| f()),
+                None => f(),
+            };
+            let _ = tx.send(r);
+        });
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| Errno(libc::ESHUTDOWN))?;
+        match rx.await {
+            Ok(r) => r.map_err(Errno::from),
+            Err(_) => Err(Errno(libc::EIO)),
+        }
+    }
+}
+
+/// Switches the current pool thread to `c` unless it already has it.
+fn assume(c: &Creds) -> io::Result<()> {
+    CURRENT.with(|cur| {
+        let mut cur = cur.borrow_mut();
+        if cur.as_ref() == Some(c) {
+            return Ok(());
+        }
+        *cur = None;
+        sys::set_thread_creds(c.uid, c.gid, &c.groups)?;
+        *cur = Some(c.clone());
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- tables
+
+/// Engine-side options of one connection's executor.
+#[derive(Clone)]
+pub struct FsServerOptions {
+    /// The shared syscall pool.
+    pub pool: Arc<FsPool>,
+}
+
+struct MountRec {
+    flags: u32,
+    /// The canonical HOST path of the export root.
+    root: PathBuf,
+}
+
+struct Node {
+    fd: Arc<OwnedFd>,
+    mount: usize,
+    key: (usize, u64, u64),
+    nlookup: u64,
+}
+
+struct Handle {
+    fd: OwnedFd,
+    mount: usize,
+    /// Serialises lseek+getdents on directory handles (the fd offset is shared).
+    dir: Mutex<()>,
+    /// Set once a POSIX lock was taken through this handle, so flush knows to unlock.
+    locked: AtomicBool,
+}
+
+#[derive(Default)]
+struct Tables {
+    mounts: Vec<MountRec>,
+    nodes: HashMap<u64, Node>,
+    by_key: HashMap<(usize, u64, u64), u64>,
+    files: HashMap<u64, Arc<Handle>>,
+    /// Node ids of mount roots (their `..` is themselves).
+    roots: std::collections::HashSet<u64>,
+}
+
+/// One connection's fs executor. Cheap to create per accepted link.
+pub struct FsServer {
+    policy: Arc<dyn FsPolicy>,
+    pool: Arc<FsPool>,
+    /// Node and handle tables; locked only for map operations.
+    tables: Mutex<Tables>,
+    next_id: AtomicU64,
+}
+
+/// What the gate resolved for dispatch.
+struct Grant {
+    creds: Creds,
+    /// For Mount: the canonical HOST path that was checked.
+    mount_path: Option<PathBuf>,
+}
+
+fn name_of(b: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(b))
+}
+
+/// A single path component from the client: non-empty, no '/', no NUL, not '.' or '..',
+/// at most NAME_MAX bytes.
+fn check_name(b: &[u8]) -> Result<(), Errno> {
+    if b.len() > NAME_MAX {
+        return Err(Errno(libc::ENAMETOOLONG));
+    }
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(Errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+fn to_time(sec: i64, nsec: i64) -> Time {
+    Time {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn attr_of(st: &libc::stat64) -> Attr {
+    Attr {
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: to_time(st.st_atime, st.st_atime_nsec),
+        mtime: to_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: to_time(st.st_ctime, st.st_ctime_nsec),
+        mode: st.st_mode,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev,
+        blksize: st.st_blksize as u32,
+    }
+}
+
+/// Filesystems whose file sizes do not describe their content (the client reads them
+/// with direct I/O): proc, sysfs, cgroup v1/v2, debugfs, tracefs, securityfs, configfs,
+/// bpf, pstore, efivarfs (magic numbers from linux/magic.h).
+fn is_pseudo_fs(magic: i64) -> bool {
+    matches!(
+        magic,
+        0x9fa0
+            | 0x6265_6572
+            | 0x0027_e0eb
+            | 0x6367_7270
+            | 0x6462_6720
+            | 0x7472_6163
+            | 0x7363_6673
+            | 0x6265_6570
+            | 0xcafe_4a11
+            | 0x6165_676c
+            | 0xde5e_81e4
+    )
+}
+
+fn timespec(t: SetTime) -> libc::timespec {
+    match t {
+        SetTime::Omit => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        SetTime::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        SetTime::At(t) => libc::timespec {
+            tv_sec: t.sec,
+            tv_nsec: t.nsec as i64,
+        },
+    }
+}
+
+/// POSIX lock range from FUSE (`end` inclusive, OFFSET_MAX = to EOF) to a flock64.
+fn flock_of(l: &Lock) -> libc::flock64 {
+    // SAFETY-free: flock64 is plain data, built field by field.
+    let len = if l.end >= i64::MAX as u64 {
+        0
+    } else {
+        (l.end - l.start.min(l.end)) as i64 + 1
+    };
+    libc::flock64 {
+        l_type: l.typ as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: l.start as i64,
+        l_len: len,
+        l_pid: 0,
+    }
+}
+
+impl FsServer {
+    /// An executor checking requests against the daemon's allowlists.
+    pub fn new(allowlist: SharedAllowlist, opts: FsServerOptions) -> FsServer {
+        Self::with_policy(Arc::new(allowlist), opts)
+    }
+
+    /// An executor with any [`FsPolicy`].
+    pub fn with_policy(policy: Arc<dyn FsPolicy>, opts: FsServerOptions) -> FsServer {
+        FsServer {
+            policy,
+            pool: opts.pool,
+            tables: Mutex::new(Tables::default()),
+            // Node and handle ids share one counter; 1 is never used (FUSE's root ino).
+            next_id: AtomicU64::new(2),
+        }
+    }
+
+    /// Number of live nodes (for status and leak tests).
+    pub fn node_count(&self) -> usize {
+        self.lock().nodes.len()
+    }
+
+    /// Number of open file handles.
+    pub fn handle_count(&self) -> usize {
+        self.lock().files.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decodes, gates and executes one request; the error is the HOST's errno.
+    pub async fn handle(&self, op: u16, payload: Bytes) -> Result<Bytes, Errno> {
+        let (creds, req) = Request::decode(op, &payload).map_err(|e| {
+            tracing::warn!(op, error = %e, "malformed qtfs request");
+            Errno(libc::EINVAL)
+        })?;
+        let grant = self.gate(creds, &req)?;
+        self.dispatch(grant, req).await.map(|r| r.encode())
+    }
+
+    fn node(&self, id: u64) -> Result<(Arc<OwnedFd>, usize), Errno> {
+        let t = self.lock();
+        t.nodes
+            .get(&id)
+            .map(|n| (n.fd.clone(), n.mount))
+            .ok_or(Errno(libc::ESTALE))
+    }
+
+    fn handle_of(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+        self.lock()
+            .files
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno(libc::EBADF))
+    }
+
+    fn mount_flags(&self, mount: usize) -> u32 {
+        self.lock().mounts.get(mount).map_or(0, |m| m.flags)
+    }
+
+    fn mount_root(&self, mount: usize) -> Option<PathBuf> {
+        self.lock().mounts.get(mount).map(|m| m.root.clone())
+    }
+
+    /// The single policy gate, run before dispatch: name validation, read-only mounts,
+    /// root squashing, and the per-type allowlists. Denials return EACCES and log the
+    /// type and HOST path.
+    fn gate(&self, creds: Creds, req: &Request) -> Result<Grant, Errno> {
+        use ListType as T;
+        use Request::*;
+        // Which node (or parent) decides the mount, and which (type, target) checks apply.
+        enum Target<'a> {
+            Node(u64),
+            Child(u64, &'a [u8]),
+        }
+        let writes = |flags: i32| {
+            let acc = flags & libc::O_ACCMODE;
+            acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
+        };
+        let mut checks: Vec<(ListType, Target)> = Vec::new();
+        let mut modifies = false;
+        let anchor: Option<u64> = match req {
+            Mount { path, .. } => {
+                let lexical = PathBuf::from(OsStr::from_bytes(path));
+                if !lexical.is_absolute() || path.contains(&0) {
+                    return Err(Errno(libc::EINVAL));
+                }
+                // Check the real path: a symlink inside an allowed tree must not export
+                // whatever it points to.
+                let real = std::fs::canonicalize(&lexical).map_err(Errno::from)?;
+                if !self.policy.allows(T::Mount, &real) {
+                    tracing::warn!(list = %T::Mount, path = %real.display(), "qtfs mount denied by allowlist: add it with `qtcfg -w mount -x <path>`");
+                    return Err(Errno(libc::EACCES));
+                }
+                return Ok(Grant {
+                    creds,
+                    mount_path: Some(real),
+                });
+            }
+            Lookup { parent, name } => {
+                if name != b"." && name != b".." {
+                    check_name(name)?;
+                }
+                Some(*parent)
+            }
+            Getattr { node, .. }
+            | Readlink { node }
+            | Statfs { node }
+            | Getxattr { node, .. }
+            | Listxattr { node, .. }
+            | Access { node, .. } => Some(*node),
+            Setattr { node, .. } => {
+                modifies = true;
+                checks.push((T::Setattr, Target::Node(*node)));
+                Some(*node)
+            }
+            Setxattr { node, name, .. } | Removexattr { node, name } => {
+                if name.is_empty() || name.contains(&0) {
+                    return Err(Errno(libc::EINVAL));
+                }
+                modifies = true;
+                checks.push((T::Setxattr, Target::Node(*node)));
+                Some(*node)
+            }
+            Mknod { parent, name, .. } | Symlink { parent, name, .. } => {
+                check_name(name)?;
+                modifies = true;
+                checks.push((T::Create, Target::Child(*parent, name)));
+                Some(*parent)
+            }
+            Link {
+                newparent, newname, ..
+            } => {
+                check_name(newname)?;
+                modifies = true;
+                checks.push((T::Create, Target::Child(*newparent, newname)));
+                Some(*newparent)
+            }
+            Mkdir { parent, name, .. } => {
+                check_name(name)?;
+                modifies = true;
+                checks.push((T::Mkdir, Target::Child(*parent, name)));
+                Some(*parent)
+            }
+            Rmdir { parent, name } => {
+                check_name(name)?;
+                modifies = true;
+                checks.push((T::Rmdir, Target::Child(*parent, name)));
+                Some(*parent)
+            }
+            Unlink { parent, name } => {
+                check_name(name)?;
+                modifies = true;
+                checks.push((T::Unlink, Target::Child(*parent, name)));
+                Some(*parent)
+            }
+            Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                ..
+            } => {
+                check_name(name)?;
+                check_name(newname)?;
+                modifies = true;
+                checks.push((T::Rename, Target::Child(*parent, name)));
+                checks.push((T::Rename, Target::Child(*newparent, newname)));
+                Some(*parent)
+            }
+            Open { node, flags } => {
+                checks.push((T::Open, Target::Node(*node)));
+                let acc = flags & libc::O_ACCMODE;
+                if acc == libc::O_RDONLY || acc == libc::O_RDWR {
+                    checks.push((T::Read, Target::Node(*node)));
+                }
+                if writes(*flags) {
+                    modifies = true;
+                    checks.push((T::Write, Target::Node(*node)));
+                }
+                Some(*node)
+            }
+            Create {
+                parent,
+                name,
+                flags,
+                ..
+            } => {
+                check_name(name)?;
+                modifies = true;
+                checks.push((T::Create, Target::Child(*parent, name)));
+                checks.push((T::Open, Target::Child(*parent, name)));
+                if writes(*flags) {
+                    checks.push((T::Write, Target::Child(*parent, name)));
+                }
+                Some(*parent)
+            }
+            Opendir { node } => {
+                checks.push((T::Readdir, Target::Node(*node)));
+                Some(*node)
+            }
+            Readdir { node, .. } => Some(*node),
+            // fh-based ops were authorised when the handle was opened; forget touches
+            // nothing on the HOST.
+            Forget { .. }
+            | Read { .. }
+            | Write { .. }
+            | Flush { .. }
+            | Release { .. }
+            | Fsync { .. }
+            | Getlk { .. }
+            | Setlk { .. }
+            | Lseek { .. } => None,
+            Fallocate { fh, .. } | CopyFileRange { fh_out: fh, .. } => {
+                let h = self.handle_of(*fh)?;
+                if self.mount_flags(h.mount) & mount_flags::READ_ONLY != 0 {
+                    return Err(Errno(libc::EROFS));
+                }
+                None
+            }
+        };
+        let mut creds = creds;
+        let mut root = None;
+        if let Some(id) = anchor {
+            let (_, mount) = self.node(id)?;
+            root = self.mount_root(mount);
+            let flags = self.mount_flags(mount);
+            if modifies && flags & mount_flags::READ_ONLY != 0 {
+                return Err(Errno(libc::EROFS));
+            }
+            if flags & mount_flags::ROOT_SQUASH != 0 {
+                if creds.uid == 0 {
+                    creds.uid = NOBODY;
+                }
+                if creds.gid == 0 {
+                    creds.gid = NOBODY;
+                }
+                creds.groups.retain(|g| *g != 0);
+            }
+        }
+        // Every op that resolves a name, opens, or modifies first verifies that the nodes
+        // it starts from are still beneath the export root: a directory moved out of the
+        // tree on the HOST keeps its node fd, and must not become a way outside.
+        let resolves = !matches!(
+            req,
+            Getattr { .. }
+                | Readlink { .. }
+                | Statfs { .. }
+                | Getxattr { .. }
+                | Listxattr { .. }
+                | Access { .. }
+                | Readdir { .. }
+        );
+        if let (Some(root), true) = (&root, resolves) {
+            let mut ids: Vec<u64> = anchor.into_iter().collect();
+            for (_, target) in &checks {
+                let id = match target {
+                    Target::Node(id) | Target::Child(id, _) => *id,
+                };
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            if let Link { node, .. } = req {
+                ids.push(*node);
+            }
+            for id in ids {
+                let path = sys::fd_path(self.node(id)?.0.as_raw_fd()).map_err(Errno::from)?;
+                if !path.starts_with(root) {
+                    tracing::warn!(path = %path.display(), root = %root.display(), "qtfs request on a node that left the export root");
+                    return Err(Errno(libc::ENOENT));
+                }
+            }
+        }
+        for (t, target) in checks {
+            if !self.policy.restricted(t) {
+                continue;
+            }
+            let path = match target {
+                Target::Node(id) => sys::fd_path(self.node(id)?.0.as_raw_fd()),
+                Target::Child(id, name) => {
+                    sys::fd_path(self.node(id)?.0.as_raw_fd()).map(|p| p.join(name_of(name)))
+                }
+            }
+            .map_err(Errno::from)?;
+            if !self.policy.allows(t, &path) {
+                tracing::warn!(list = %t, path = %path.display(), uid = creds.uid, "qtfs operation denied by allowlist");
+                return Err(Errno(libc::EACCES));
+            }
+        }
+        Ok(Grant {
+            creds,
+            mount_path: None,
+        })
+    }
+
+    fn alloc_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a freshly resolved O_PATH fd as a node (or bumps the lookup count of the
+    /// node already holding that inode) and returns the entry for the client.
+    fn register(&self, fd: OwnedFd, st: &libc::stat64, mount: usize) -> Entry {
+        let key = (mount, st.st_dev, st.st_ino);
+        let mut t = self.lock();
+        if let Some(&id) = t.by_key.get(&key) {
+            if let Some(n) = t.nodes.get_mut(&id) {
+                n.nlookup += 1;
+                return Entry {
+                    node: id,
+                    attr: attr_of(st),
+                };
+            }
+        }
+        let id = self.alloc_id();
+        t.by_key.insert(key, id);
+        t.nodes.insert(
+            id,
+            Node {
+                fd: Arc::new(fd),
+                mount,
+                key,
+                nlookup: 1,
+            },
+        );
+        Entry {
+            node: id,
+            attr: attr_of(st),
+        }
+    }
+
+    fn forget(&self, id: u64, n: u64) {
+        let mut t = self.lock();
+        let gone = match t.nodes.get_mut(&id) {
+            Some(node) => {
+                node.nlookup = node.nlookup.saturating_sub(n);
+                node.nlookup == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(node) = t.nodes.remove(&id) {
+                t.by_key.remove(&node.key);
+            }
+        }
+    }
+
+    fn add_handle(&self, fd: OwnedFd, mount: usize) -> u64 {
+        let id = self.alloc_id();
+        let h = Handle {
+            fd,
+            mount,
+            dir: Mutex::new(()),
+            locked: AtomicBool::new(false),
+        };
+        self.lock().files.insert(id, Arc::new(h));
+        id
+    }
+
+    /// Resolves `name` beneath `dir` as an O_PATH node fd and stats it.
+    fn lookup_at(dir: RawFd, name: &[u8]) -> io::Result<(OwnedFd, libc::stat64)> {
+        let c = sys::cstr(name)?;
+        let fd = sys::openat2(
+            dir,
+            &c,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+            sys::RESOLVE_STRICT,
+        )?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        Ok((fd, st))
+    }
+
+    async fn entry_after<F>(
+        &self,
+        creds: Creds,
+        parent: u64,
+        name: Vec<u8>,
+        make: F,
+    ) -> Result<Response, Errno>
+    where
+        F: FnOnce(RawFd, &std::ffi::CStr) -> io::Result<()> + Send + 'static,
+    {
+        let (pfd, mount) = self.node(parent)?;
+        let (fd, st) = self
+            .pool
+            .run(Some(creds), move || {
+                let c = sys::cstr(&name)?;
+                make(pfd.as_raw_fd(), &c)?;
+                Self::lookup_at(pfd.as_raw_fd(), &name)
+            })
+            .await?;
+        Ok(Response::Entry(self.register(fd, &st, mount)))
+    }
+
+    async fn dispatch(&self, grant: Grant, req: Request) -> Result<Response, Errno> {
+        use Request::*;
+        let creds = grant.creds;
+        let pool = &self.pool;
+        match req {
+            Mount { flags, .. } => {
+                let path = grant.mount_path.ok_or(Errno(libc::EINVAL))?;
+                let root = path.clone();
+                let (fd, st) = pool
+                    .run(None, move || {
+                        let c = sys::cstr(sys::path_bytes(&path))?;
+                        // The path was canonicalised and checked; refuse it if a symlink
+                        // was swapped in since.
+                        let fd = sys::openat2(
+                            libc::AT_FDCWD,
+                            &c,
+                            libc::O_PATH | libc::O_DIRECTORY,
+                            0,
+                            libc::RESOLVE_NO_SYMLINKS,
+                        )?;
+                        let st = sys::fstat(fd.as_raw_fd())?;
+                        Ok((fd, st))
+                    })
+                    .await?;
+                let mount = {
+                    let mut t = self.lock();
+                    t.mounts.push(MountRec { flags, root });
+                    t.mounts.len() - 1
+                };
+                tracing::info!(mount, "qtfs mount attached");
+                let e = self.register(fd, &st, mount);
+                self.lock().roots.insert(e.node);
+                Ok(Response::Entry(e))
+            }
+            Lookup { parent, name } => {
+                let (pfd, mount) = self.node(parent)?;
+                if name == b"." {
+                    let st = pool.run(None, move || sys::fstat(pfd.as_raw_fd())).await?;
+                    let mut t = self.lock();
+                    if let Some(n) = t.nodes.get_mut(&parent) {
+                        n.nlookup += 1;
+                    }
+                    return Ok(Response::Entry(Entry {
+                        node: parent,
+                        attr: attr_of(&st),
+                    }));
+                }
+                if name == b".." {
+                    // The root's parent is the root itself: never step above the export.
+                    let is_root = self.lock().roots.contains(&parent);
+                    if is_root {
+                        return Box::pin(self.dispatch(
+                            Grant {
+                                creds,
+                                mount_path: None,
+                            },
+                            Lookup {
+                                parent,
+                                name: b".".to_vec(),
+                            },
+                        ))
+                        .await;
+                    }
+                    let (fd, st) = pool
+                        .run(Some(creds), move || {
+                            let fd = sys::openat2(
+                                pfd.as_raw_fd(),
+                                c"..",
+                                libc::O_PATH,
+                                0,
+                                libc::RESOLVE_NO_MAGICLINKS,
+                            )?;
+                            let st = sys::fstat(fd.as_raw_fd())?;
+                            Ok((fd, st))
+                        })
+                        .await?;
+                    return Ok(Response::Entry(self.register(fd, &st, mount)));
+                }
+                let (fd, st) = pool
+                    .run(Some(creds), move || Self::lookup_at(pfd.as_raw_fd(), &name))
+                    .await?;
+                Ok(Response::Entry(self.register(fd, &st, mount)))
+            }
+            Forget { items } => {
+                for (id, n) in items {
+                    self.forget(id, n);
+                }
+                Ok(Response::Empty)
+            }
+            Getattr { node, fh } => {
+                let fd = match fh.map(|f| self.handle_of(f)) {
+                    Some(Ok(h)) => FdRef::Handle(h),
+                    _ => FdRef::Node(self.node(node)?.0),
+                };
+                let st = pool.run(None, move || sys::fstat(fd.raw())).await?;
+                Ok(Response::Attr(attr_of(&st)))
+            }
+            Setattr { node, fh, set: s } => {
+                let (nfd, _) = self.node(node)?;
+                let hfd = fh.and_then(|f| self.handle_of(f).ok());
+                let st = pool
+                    .run(Some(creds), move || {
+                        let n = nfd.as_raw_fd();
+                        let h = hfd.as_ref().map(|h| h.fd.as_raw_fd());
+                        if s.valid & set::MODE != 0 {
+                            sys::chmod_fd(n, s.mode & 0o7777)?;
+                        }
+                        if s.valid & (set::UID | set::GID) != 0 {
+                            let uid = if s.valid & set::UID != 0 {
+                                s.uid
+                            } else {
+                                u32::MAX
+                            };
+                            let gid = if s.valid & set::GID != 0 {
+                                s.gid
+                            } else {
+                                u32::MAX
+                            };
+                            sys::chown_fd(n, uid, gid)?;
+                        }
+                        if s.valid & set::SIZE != 0 {
+                            match h {
+                                Some(h) => sys::ftruncate(h, s.size)?,
+                                None => sys::truncate_fd(n, s.size)?,
+                            }
+                        }
+                        if s.valid & (set::ATIME | set::MTIME) != 0 {
+                            let a = if s.valid & set::ATIME != 0 {
+                                s.atime
+                            } else {
+                                SetTime::Omit
+                            };
+                            let m = if s.valid & set::MTIME != 0 {
+                                s.mtime
+                            } else {
+                                SetTime::Omit
+                            };
+                            let times = [timespec(a), timespec(m)];
+                            match h {
+                                Some(h) => sys::futimens(h, &times)?,
+                                None => sys::utimens_fd(n, &times)?,
+                            }
+                        }
+                        sys::fstat(n)
+                    })
+                    .await?;
+                Ok(Response::Attr(attr_of(&st)))
+            }
+            Readlink { node } => {
+                let (fd, _) = self.node(node)?;
+                let target = pool
+                    .run(Some(creds), move || sys::readlink_fd(fd.as_raw_fd()))
+                    .await?;
+                Ok(Response::Data(Bytes::from(target)))
+            }
+            Mknod {
+                parent,
+                name,
+                mode,
+                umask,
+                rdev,
+            } => {
+                self.entry_after(creds, parent, name, move |d, c| {
+                    sys::mknodat(d, c, mode & !umask, rdev)
+                })
+                .await
+            }
+            Mkdir {
+                parent,
+                name,
+                mode,
+                umask,
+            } => {
+                self.entry_after(creds, parent, name, move |d, c| {
+                    sys::mkdirat(d, c, mode & !umask & 0o7777)
+                })
+                .await
+            }
+            Symlink {
+                parent,
+                name,
+                target,
+            } => {
+                let t = sys::cstr(&target).map_err(Errno::from)?;
+                self.entry_after(creds, parent, name, move |d, c| sys::symlinkat(&t, d, c))
+                    .await
+            }
+            Link {
+                node,
+                newparent,
+                newname,
+            } => {
+                let (fd, _) = self.node(node)?;
+                self.entry_after(creds, newparent, newname, move |d, c| {
+                    sys::link_fd(fd.as_raw_fd(), d, c)
+                })
+                .await
+            }
+            Unlink { parent, name } => self.remove(creds, parent, name, 0).await,
+            Rmdir { parent, name } => self.remove(creds, parent, name, libc::AT_REMOVEDIR).await,
+            Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                flags,
+            } => {
+                let (a, _) = self.node(parent)?;
+                let (b, _) = self.node(newparent)?;
+                pool.run(Some(creds), move || {
+                    let (n1, n2) = (sys::cstr(&name)?, sys::cstr(&newname)?);
+                    sys::renameat2(a.as_raw_fd(), &n1, b.as_raw_fd(), &n2, flags)
+                })
+                .await?;
+                Ok(Response::Empty)
+            }
+            Open { node, flags } => {
+                let (fd, mount) = self.node(node)?;
+                let (file, pseudo) = pool
+                    .run(Some(creds), move || {
+                        // Re-open the very inode behind the O_PATH fd (no path lookup).
+                        let p = sys::proc_fd_path(fd.as_raw_fd());
+                        let f = sys::openat(
+                            libc::AT_FDCWD,
+                            &p,
+                            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
+                            0,
+                        )?;
+                        let pseudo = sys::fstatfs(f.as_raw_fd())
+                            .map(|s| is_pseudo_fs(s.f_type))
+                            .unwrap_or(false);
+                        Ok((f, pseudo))
+                    })
+                    .await?;
+                let fh = self.add_handle(file, mount);
+                Ok(Response::Opened {
+                    fh,
+                    flags: if pseudo {
+                        proto::open_flags::PSEUDO_FS
+                    } else {
+                        0
+                    },
+                })
+            }
+            Create {
+                parent,
+                name,
+                mode,
+                umask,
+                flags,
+            } => {
+                let (pfd, mount) = self.node(parent)?;
+                let (file, pfd2, st) = pool
+                    .run(Some(creds), move || {
+                        let c = sys::cstr(&name)?;
+                        let f = sys::openat2(
+                            pfd.as_raw_fd(),
+                            &c,
+                            flags | libc::O_CREAT | libc::O_NOFOLLOW,
+                            mode & !umask & 0o7777,
+                            sys::RESOLVE_STRICT,
+                        )?;
+                        let (node_fd, st) = Self::lookup_at(pfd.as_raw_fd(), &name)?;
+                        Ok((f, node_fd, st))
+                    })
+                    .await?;
+                let entry = self.register(pfd2, &st, mount);
+                let fh = self.add_handle(file, mount);
+                Ok(Response::Created {
+                    entry,
+                    fh,
+                    flags: 0,
+                })
+            }
+            Opendir { node } => {
+                let (fd, mount) = self.node(node)?;
+                let dir = pool
+                    .run(Some(creds), move || {
+                        sys::openat2(
+                            fd.as_raw_fd(),
+                            c".",
+                            libc::O_RDONLY | libc::O_DIRECTORY,
+                            0,
+                            libc::RESOLVE_BENEATH,
+                        )
+                    })
+                    .await?;
+                Ok(Response::Opened {
+                    fh: self.add_handle(dir, mount),
+                    flags: 0,
+                })
+            }
+            Readdir {
+                fh,
+                offset,
+                size,
+                plus,
+                ..
+            } => self.readdir(creds, fh, offset, size, plus).await,
+            Statfs { node } => {
+                let (fd, _) = self.node(node)?;
+                let s = pool.run(None, move || sys::fstatfs(fd.as_raw_fd())).await?;
+                Ok(Response::Statfs(proto::Statfs {
+                    blocks: s.f_blocks,
+                    bfree: s.f_bfree,
+                    bavail: s.f_bavail,
+                    files: s.f_files,
+                    ffree: s.f_ffree,
+                    bsize: s.f_bsize as u32,
+                    namelen: s.f_namelen as u32,
+                    frsize: s.f_frsize as u32,
+                }))
+            }
+            Setxattr {
+                node,
+                name,
+                flags,
+                value,
+            } => {
+                let (fd, _) = self.node(node)?;
+                pool.run(Some(creds), move || {
+                    sys::setxattr(fd.as_raw_fd(), &sys::cstr(&name)?, &value, flags)
+                })
+                .await?;
+                Ok(Response::Empty)
+            }
+            Removexattr { node, name } => {
+                let (fd, _) = self.node(node)?;
+                pool.run(Some(creds), move || {
+                    sys::removexattr(fd.as_raw_fd(), &sys::cstr(&name)?)
+                })
+                .await?;
+                Ok(Response::Empty)
+            }
+            Getxattr { node, name, size } => {
+                let (fd, _) = self.node(node)?;
+                let v = pool
+                    .run(Some(creds), move || {
+                        let c = sys::cstr(&name)?;
+                        // size 0 asks for the length: fetch the whole value and let the
+                        // client report its size.
+                        let cap = if size == 0 {
+                            XATTR_MAX
+                        } else {
+                            (size as usize).min(XATTR_MAX)
+                        };
+                        let mut buf = vec![0u8; cap];
+                        let n = sys::getxattr(fd.as_raw_fd(), &c, &mut buf)?;
+                        buf.truncate(n);
+                        Ok(buf)
+                    })
+                    .await?;
+                Ok(Response::Data(Bytes::from(v)))
+            }
+            Listxattr { node, size } => {
+                let (fd, _) = self.node(node)?;
+                let v = pool
+                    .run(Some(creds), move || {
+                        let cap = if size == 0 {
+                            XATTR_MAX
+                        } else {
+                            (size as usize).min(XATTR_MAX)
+                        };
+                        let mut buf = vec![0u8; cap];
+                        let n = sys::listxattr(fd.as_raw_fd(), &mut buf)?;
+                        buf.truncate(n);
+                        Ok(buf)
+                    })
+                    .await?;
+                Ok(Response::Data(Bytes::from(v)))
+            }
+            Access { node, mask } => {
+                let (fd, _) = self.node(node)?;
+                pool.run(Some(creds), move || sys::access_fd(fd.as_raw_fd(), mask))
+                    .await?;
+                Ok(Response::Empty)
+            }
+            Read { fh, offset, size } => {
+                let h = self.handle_of(fh)?;
+                let data = pool
+                    .run(None, move || {
+                        let mut buf = vec![0u8; size.min(MAX_READ) as usize];
+                        let mut got = 0;
+                        // Short reads from pipes/pseudo files end the loop; regular files
+                        // are filled so the kernel does not mistake a short read for EOF.
+                        while got < buf.len() {
+                            let n =
+                                sys::pread(h.fd.as_raw_fd(), &mut buf[got..], offset + got as u64)?;
+                            if n == 0 {
+                                break;
+                            }
+                            got += n;
+                        }
+                        buf.truncate(got);
+                        Ok(buf)
+                    })
+                    .await?;
+                Ok(Response::Data(Bytes::from(data)))
+            }
+            Write { fh, offset, data } => {
+                let h = self.handle_of(fh)?;
+                let n = pool
+                    .run(None, move || sys::pwrite(h.fd.as_raw_fd(), &data, offset))
+                    .await?;
+                Ok(Response::Count(n as u64))
+            }
+            Flush { fh, .. } => {
+                let h = self.handle_of(fh)?;
+                if h.locked.load(Ordering::Relaxed) {
+                    // close() drops a process's POSIX locks; release this handle's.
+                    pool.run(None, move || {
+                        let mut fl = flock_of(&Lock {
+                            start: 0,
+                            end: u64::MAX,
+                            typ: libc::F_UNLCK,
+                            pid: 0,
+                        });
+                        sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+                    })
+                    .await?;
+                }
+                Ok(Response::Empty)
+            }
+            Release { fh } => {
+                // Dropping the last Arc closes the fd (after any in-flight op on it).
+                self.lock().files.remove(&fh);
+                Ok(Response::Empty)
+            }
+            Fsync { fh, datasync } => {
+                let h = self.handle_of(fh)?;
+                pool.run(None, move || sys::fsync(h.fd.as_raw_fd(), datasync))
+                    .await?;
+                Ok(Response::Empty)
+            }
+            Getlk { fh, lock, .. } => {
+                let h = self.handle_of(fh)?;
+                let fl = pool
+                    .run(None, move || {
+                        let mut fl = flock_of(&lock);
+                        sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
+                        Ok(fl)
+                    })
+                    .await?;
+                let end = if fl.l_len == 0 {
+                    i64::MAX as u64
+                } else {
+                    (fl.l_start + fl.l_len - 1) as u64
+                };
+                // OFD locks report no owning pid (-1); FUSE expects 0 for "unknown".
+                Ok(Response::Lock(Lock {
+                    start: fl.l_start as u64,
+                    end,
+                    typ: fl.l_type.into(),
+                    pid: 0,
+                }))
+            }
+            Setlk { fh, lock, .. } => {
+                let h = self.handle_of(fh)?;
+                pool.run(None, move || {
+                    let mut fl = flock_of(&lock);
+                    sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)?;
+                    if lock.typ != libc::F_UNLCK {
+                        h.locked.store(true, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(Response::Empty)
+            }
+            Fallocate {
+                fh,
+                offset,
+                length,
+                mode,
+            } => {
+                let h = self.handle_of(fh)?;
+                pool.run(None, move || {
+                    sys::fallocate(h.fd.as_raw_fd(), mode, offset, length)
+                })
+                .await?;
+                Ok(Response::Empty)
+            }
+            Lseek { fh, offset, whence } => {
+                let h = self.handle_of(fh)?;
+                let o = pool
+                    .run(None, move || sys::lseek(h.fd.as_raw_fd(), offset, whence))
+                    .await?;
+                Ok(Response::Offset(o))
+            }
+            CopyFileRange {
+                fh_in,
+                off_in,
+                fh_out,
+                off_out,
+                len,
+                flags,
+            } => {
+                let a = self.handle_of(fh_in)?;
+                let b = self.handle_of(fh_out)?;
+                let n = pool
+                    .run(None, move || {
+                        sys::copy_file_range(
+                            a.fd.as_raw_fd(),
+                            off_in,
+                            b.fd.as_raw_fd(),
+                            off_out,
+                            len,
+                            flags,
+                        )
+                    })
+                    .await?;
+                Ok(Response::Count(n))
+            }
+        }
+    }
+
+    async fn remove(
+        &self,
+        creds: Creds,
+        parent: u64,
+        name: Vec<u8>,
+        flags: i32,
+    ) -> Result<Response, Errno> {
+        let (pfd, _) = self.node(parent)?;
+        self.pool
+            .run(Some(creds), move || {
+                sys::unlinkat(pfd.as_raw_fd(), &sys::cstr(&name)?, flags)
+            })
+            .await?;
+        Ok(Response::Empty)
+    }
+
+    /// Reads directory entries from `offset` (a getdents cookie; 0 = start) until the
+    /// client's buffer `size` would overflow, counted as the kernel counts it. For
+    /// readdirplus every entry but `.`/`..` is looked up (and counted as a lookup).
+    async fn readdir(
+        &self,
+        creds: Creds,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    ) -> Result<Response, Errno> {
+        let h = self.handle_of(fh)?;
+        let mount = h.mount;
+        let raw = self
+            .pool
+            .run(Some(creds), move || {
+                let _g = h.dir.lock().unwrap_or_else(|e| e.into_inner());
+                let fd = h.fd.as_raw_fd();
+                sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
+                let mut out = Vec::new();
+                let mut used = 0usize;
+                let mut buf = vec![0u8; 32 * 1024];
+                'fill: loop {
+                    let n = sys::getdents64(fd, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    for d in sys::parse_dirents(&buf[..n]) {
+                        let cost = proto::dirent_cost(d.name.len(), plus);
+                        if used + cost > size as usize {
+                            break 'fill;
+                        }
+                        let dot = d.name == b"." || d.name == b"..";
+                        let looked = if plus && !dot {
+                            match Self::lookup_at(fd, d.name) {
+                                Ok(x) => Some(x),
+                                // Removed since getdents: skip it, as a later readdir would.
+                                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                                Err(e) => return Err(e),
+                            }
+                        } else {
+                            None
+                        };
+                        used += cost;
+                        out.push((d.ino, d.off, d.kind, d.name.to_vec(), looked));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let entries = raw
+            .into_iter()
+            .map(|(ino, offset, kind, name, looked)| DirEntry {
+                ino,
+                offset,
+                kind,
+                name,
+                entry: looked.map(|(fd, st)| self.register(fd, &st, mount)),
+            })
+            .collect();
+        Ok(Response::Dir(entries))
+    }
+}
+
+/// An fd kept alive for the duration of a pool job.
+enum FdRef {
+    Node(Arc<OwnedFd>),
+    Handle(Arc<Handle>),
+}
+
+impl FdRef {
+    fn raw(&self) -> RawFd {
+        match self {
+            FdRef::Node(f) => f.as_raw_fd(),
+            FdRef::Handle(h) => h.fd.as_raw_fd(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_blocked_pool_thread_does_not_block_the_others() {
+        let pool = FsPool::new(2).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let p2 = pool.clone();
+        let slow = tokio::spawn(async move {
+            p2.run(None, move || {
+                rx.recv().map_err(|_| io::Error::other("sender gone"))?;
+                Ok(1)
+            })
+            .await
+        });
+        for _ in 0..100 {
+            assert_eq!(pool.run(None, || Ok(2)).await, Ok(2));
+        }
+        assert!(!slow.is_finished());
+        tx.send(()).unwrap();
+        assert_eq!(slow.await.unwrap(), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn pool_threads_take_the_callers_identity() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to switch fsuid");
+            return;
+        }
+        let pool = FsPool::new(1).unwrap();
+        let c = Creds {
+            uid: 1234,
+            gid: 4321,
+            groups: vec![7, 8],
+        };
+        let (uid, gid, groups) = pool
+            .run(Some(c), || {
+                // SAFETY: -1 is invalid, so these only report the current fs ids.
+                let (u, g) = unsafe { (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX)) };
+                Ok((
+                    u as u32,
+                    g as u32,
+                    nix::unistd::getgroups().map_err(io::Error::from)?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((uid, gid), (1234, 4321));
+        assert_eq!(
+            groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+            vec![7, 8]
+        );
+        // Other threads of the process are untouched (glibc's setgroups would change them).
+        assert_eq!(
+            nix::unistd::getgroups()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_raw())
+                .collect::<Vec<_>>(),
+            {
+                let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Groups:"))
+                    .unwrap()
+                    .split_whitespace()
+                    .map(|x| x.parse::<u32>().unwrap())
+                    .collect::<Vec<_>>()
+            }
+        );
+        assert!(!nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .any(|g| g.as_raw() == 7));
+    }
+
+    #[test]
+    fn names_must_be_single_components() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_name(&[b'x'; 256]), Err(Errno(libc::ENAMETOOLONG)));
+        assert!(check_name(b"...").is_ok());
+        assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn static_policy_matches_whole_components() {
+        let p = StaticPolicy::new().with(ListType::Write, "/var/lib/docker");
+        assert!(p.restricted(ListType::Write));
+        assert!(!p.restricted(ListType::Read));
+        assert!(p.allows(ListType::Write, Path::new("/var/lib/docker")));
+        assert!(p.allows(ListType::Write, Path::new("/var/lib/docker/x")));
+        assert!(!p.allows(ListType::Write, Path::new("/var/lib/dockerx")));
+        assert!(!p.allows(ListType::Mount, Path::new("/var/lib/docker")));
+    }
+}

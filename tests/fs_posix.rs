@@ -1,0 +1,837 @@
+//! POSIX behaviour through a real qtfs FUSE mount (engine executor + client in-process),
+//! compared against the same operations on a plain local directory.
+
+#[path = "fs_common.rs"]
+mod common;
+
+use common::{code, setup, setup_with};
+use dpuctl::allowlist::ListType;
+use dpuctl::fs::client::ClientOptions;
+use dpuctl::fs::server::StaticPolicy;
+use sha2::{Digest, Sha256};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno_of(r: libc::c_int) -> i32 {
+    if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    }
+}
+
+fn renameat2(a: &Path, b: &Path, flags: u32) -> i32 {
+    let (a, b) = (c(a), c(b));
+    // SAFETY: valid C strings.
+    errno_of(unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    } as i32)
+}
+
+/// Runs the same sequence of operations in `d` and records every result.
+fn transcript(d: &Path) -> Vec<String> {
+    let mut t = Vec::new();
+    let mut log = |k: &str, v: String| t.push(format!("{k}: {v}"));
+    // create / write / read / append / truncate
+    let f = d.join("a");
+    fs::write(&f, b"hello world").unwrap();
+    log("read", String::from_utf8(fs::read(&f).unwrap()).unwrap());
+    let mut ap = OpenOptions::new().append(true).open(&f).unwrap();
+    ap.write_all(b"!!").unwrap();
+    drop(ap);
+    log("append", String::from_utf8(fs::read(&f).unwrap()).unwrap());
+    OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(5)
+        .unwrap();
+    log(
+        "truncate",
+        String::from_utf8(fs::read(&f).unwrap()).unwrap(),
+    );
+    let tr = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&f)
+        .unwrap();
+    log("o_trunc", tr.metadata().unwrap().len().to_string());
+    drop(tr);
+    fs::write(&f, b"0123456789").unwrap();
+    let mut rw = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    rw.seek(SeekFrom::Start(3)).unwrap();
+    rw.write_all(b"XY").unwrap();
+    let mut s = String::new();
+    rw.seek(SeekFrom::Start(0)).unwrap();
+    rw.read_to_string(&mut s).unwrap();
+    log("pwrite", s);
+    // O_EXCL
+    log(
+        "excl",
+        code(OpenOptions::new().write(true).create_new(true).open(&f)).to_string(),
+    );
+    log(
+        "excl_new",
+        code(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(d.join("b")),
+        )
+        .to_string(),
+    );
+    log(
+        "mode_b",
+        format!("{:o}", fs::metadata(d.join("b")).unwrap().mode() & 0o7777),
+    );
+    // errnos
+    log("enoent", code(fs::read(d.join("missing"))).to_string());
+    fs::create_dir(d.join("dir")).unwrap();
+    fs::write(d.join("dir/x"), b"x").unwrap();
+    log(
+        "eexist_dir",
+        code(fs::create_dir(d.join("dir"))).to_string(),
+    );
+    log("enotempty", code(fs::remove_dir(d.join("dir"))).to_string());
+    log("enotdir", code(fs::read_dir(d.join("a"))).to_string());
+    log("eisdir", code(fs::remove_file(d.join("dir"))).to_string());
+    // rename flags
+    log(
+        "noreplace",
+        renameat2(&d.join("a"), &d.join("b"), libc::RENAME_NOREPLACE).to_string(),
+    );
+    log(
+        "exchange",
+        renameat2(&d.join("a"), &d.join("b"), libc::RENAME_EXCHANGE).to_string(),
+    );
+    log(
+        "after_exchange",
+        format!("{}", fs::metadata(d.join("b")).unwrap().len()),
+    );
+    log(
+        "rename",
+        code(fs::rename(d.join("b"), d.join("c"))).to_string(),
+    );
+    log("rename_gone", code(fs::metadata(d.join("b"))).to_string());
+    // symlink / readlink / link
+    std::os::unix::fs::symlink("c", d.join("sl")).unwrap();
+    log(
+        "readlink",
+        fs::read_link(d.join("sl")).unwrap().display().to_string(),
+    );
+    log(
+        "via_link",
+        fs::read(d.join("sl")).unwrap().len().to_string(),
+    );
+    log(
+        "lstat_link",
+        fs::symlink_metadata(d.join("sl"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+            .to_string(),
+    );
+    fs::hard_link(d.join("c"), d.join("hl")).unwrap();
+    log(
+        "nlink",
+        fs::metadata(d.join("c")).unwrap().nlink().to_string(),
+    );
+    log(
+        "same_ino",
+        (fs::metadata(d.join("c")).unwrap().ino() == fs::metadata(d.join("hl")).unwrap().ino())
+            .to_string(),
+    );
+    // mknod fifo
+    nix::unistd::mkfifo(
+        &d.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    log(
+        "fifo",
+        fs::symlink_metadata(d.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo_like()
+            .to_string(),
+    );
+    // chmod / chown / utimens
+    fs::set_permissions(d.join("c"), fs::Permissions::from_mode(0o4751)).unwrap();
+    log(
+        "chmod",
+        format!("{:o}", fs::metadata(d.join("c")).unwrap().mode() & 0o7777),
+    );
+    std::os::unix::fs::chown(d.join("c"), Some(1234), Some(5678)).unwrap();
+    let m = fs::metadata(d.join("c")).unwrap();
+    log("chown", format!("{}:{}", m.uid(), m.gid()));
+    let p = c(&d.join("c"));
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 5,
+        },
+        libc::timespec {
+            tv_sec: 2_000_000,
+            tv_nsec: 7,
+        },
+    ];
+    // SAFETY: valid C string and timespec array.
+    log(
+        "utimens",
+        errno_of(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })
+            .to_string(),
+    );
+    let m = fs::metadata(d.join("c")).unwrap();
+    log(
+        "times",
+        format!(
+            "{}.{} {}.{}",
+            m.atime(),
+            m.atime_nsec(),
+            m.mtime(),
+            m.mtime_nsec()
+        ),
+    );
+    let omit_now = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+    ];
+    // SAFETY: as above.
+    unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), omit_now.as_ptr(), 0) };
+    let m = fs::metadata(d.join("c")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    log(
+        "omit_keeps_atime",
+        format!("{}.{}", m.atime(), m.atime_nsec()),
+    );
+    log("now_sets_mtime", ((m.mtime() - now).abs() < 5).to_string());
+    // xattrs
+    let x = c(&d.join("c"));
+    // SAFETY: valid C strings and buffers.
+    unsafe {
+        log(
+            "setxattr",
+            errno_of(libc::setxattr(
+                x.as_ptr(),
+                c"user.k".as_ptr(),
+                b"v1".as_ptr().cast(),
+                2,
+                0,
+            ))
+            .to_string(),
+        );
+        log(
+            "setxattr_create_dup",
+            errno_of(libc::setxattr(
+                x.as_ptr(),
+                c"user.k".as_ptr(),
+                b"v".as_ptr().cast(),
+                1,
+                libc::XATTR_CREATE,
+            ))
+            .to_string(),
+        );
+        let mut buf = [0u8; 16];
+        let n = libc::getxattr(
+            x.as_ptr(),
+            c"user.k".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
+        log(
+            "getxattr",
+            String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned(),
+        );
+        log(
+            "getxattr_size",
+            libc::getxattr(x.as_ptr(), c"user.k".as_ptr(), std::ptr::null_mut(), 0).to_string(),
+        );
+        let r = libc::getxattr(x.as_ptr(), c"user.k".as_ptr(), buf.as_mut_ptr().cast(), 1);
+        log("getxattr_erange", errno_of(r as i32).to_string());
+        let n = libc::listxattr(x.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        log(
+            "listxattr",
+            String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned(),
+        );
+        log(
+            "removexattr",
+            errno_of(libc::removexattr(x.as_ptr(), c"user.k".as_ptr())).to_string(),
+        );
+        let r = libc::getxattr(
+            x.as_ptr(),
+            c"user.k".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
+        log("getxattr_gone", errno_of(r as i32).to_string());
+    }
+    // fallocate + SEEK_DATA/SEEK_HOLE
+    let sp = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(d.join("sparse"))
+        .unwrap();
+    sp.set_len(4 << 20).unwrap();
+    // SAFETY: plain syscalls on an owned fd.
+    unsafe {
+        log(
+            "fallocate",
+            errno_of(libc::fallocate(sp.as_raw_fd(), 0, 1 << 20, 1 << 20)).to_string(),
+        );
+        log(
+            "seek_data",
+            libc::lseek(sp.as_raw_fd(), 0, libc::SEEK_DATA).to_string(),
+        );
+        log(
+            "seek_hole",
+            libc::lseek(sp.as_raw_fd(), 1 << 20, libc::SEEK_HOLE).to_string(),
+        );
+    }
+    log(
+        "alloc_blocks",
+        (fs::metadata(d.join("sparse")).unwrap().blocks() >= 2048).to_string(),
+    );
+    // statfs works
+    let st = nix::sys::statvfs::statvfs(d).unwrap();
+    log(
+        "statfs",
+        (st.blocks() > 0 && st.name_max() == 255).to_string(),
+    );
+    // readdir
+    let mut names: Vec<String> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    log("readdir", names.join(","));
+    // unlink / rmdir
+    log("unlink", code(fs::remove_file(d.join("dir/x"))).to_string());
+    log("rmdir", code(fs::remove_dir(d.join("dir"))).to_string());
+    log("rmdir_gone", code(fs::metadata(d.join("dir"))).to_string());
+    t
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
+
+#[test]
+fn posix_ops_match_a_local_directory() {
+    let Some(fx) = setup() else { return };
+    let local = tempfile::tempdir().unwrap();
+    let want = transcript(local.path());
+    let got = transcript(&fx.mnt());
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w, g);
+    }
+    assert_eq!(want.len(), got.len());
+    // The files really are on the HOST side.
+    assert_eq!(
+        fs::read_link(fx.export().join("sl")).unwrap(),
+        Path::new("c")
+    );
+}
+
+#[test]
+fn large_file_round_trips_bit_exact() {
+    let Some(fx) = setup() else { return };
+    let mut data = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let want = Sha256::digest(&data);
+    let start = Instant::now();
+    fs::write(fx.mnt().join("big"), &data).unwrap();
+    let wrote = start.elapsed();
+    assert_eq!(
+        Sha256::digest(fs::read(fx.export().join("big")).unwrap()),
+        want
+    );
+    let start = Instant::now();
+    assert_eq!(
+        Sha256::digest(fs::read(fx.mnt().join("big")).unwrap()),
+        want
+    );
+    eprintln!("64 MiB: write {wrote:?}, read {:?}", start.elapsed());
+}
+
+#[test]
+fn readdir_of_ten_thousand_entries() {
+    let Some(fx) = setup() else { return };
+    let dir = fx.export().join("many");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..10_000 {
+        File::create(dir.join(format!("f{i:05}"))).unwrap();
+    }
+    let mut names: Vec<String> = fs::read_dir(fx.mnt().join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 10_000);
+    assert_eq!(names[0], "f00000");
+    assert_eq!(names[9_999], "f09999");
+}
+
+#[test]
+fn a_slow_read_does_not_stall_other_requests() {
+    use dpuctl::fs::proto::op;
+    use dpuctl::fs::{FsCallError, FsTransport};
+    use std::sync::Arc;
+    /// Delays reads at offsets >= 1 MiB by two seconds: a slow HOST disk for one file.
+    struct Slow(Arc<dyn FsTransport>);
+    impl FsTransport for Slow {
+        fn call(
+            &self,
+            o: u16,
+            p: bytes::Bytes,
+        ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, FsCallError>> {
+            let inner = self.0.call(o, p.clone());
+            Box::pin(async move {
+                if o == op::READ {
+                    if let Ok((_, dpuctl::fs::proto::Request::Read { offset, .. })) =
+                        dpuctl::fs::proto::Request::decode(o, &p)
+                    {
+                        if offset >= 1 << 20 {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+                inner.await
+            })
+        }
+    }
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        ClientOptions::default(),
+        |t| Arc::new(Slow(t)),
+    ) else {
+        return;
+    };
+    fs::write(fx.export().join("slow"), vec![7u8; 2 << 20]).unwrap();
+    fs::write(fx.export().join("plain"), b"data").unwrap();
+    let mnt = fx.mnt();
+    let reader = std::thread::spawn(move || {
+        let f = File::open(mnt.join("slow")).unwrap();
+        let mut buf = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_at(&f, &mut buf, 1 << 20).unwrap();
+        buf[0]
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    for i in 0..50 {
+        assert_eq!(fs::read(fx.mnt().join("plain")).unwrap(), b"data");
+        fs::metadata(fx.mnt().join("plain")).unwrap();
+        fs::write(fx.mnt().join(format!("w{i}")), b"w").unwrap();
+    }
+    let took = start.elapsed();
+    assert!(
+        !reader.is_finished(),
+        "the slow read should still be in flight"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "other ops stalled behind the slow read: {took:?}"
+    );
+    assert_eq!(reader.join().unwrap(), 7);
+}
+
+/// Runs `f` on a fresh thread whose fsuid/fsgid is `uid` (the FUSE request carries them).
+fn as_user<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: per-thread credential change on a thread we own and end right after.
+        unsafe {
+            libc::setfsgid(uid);
+            libc::setfsuid(uid);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn permission_checks_are_the_hosts() {
+    let Some(fx) = setup() else { return };
+    let secret = fx.export().join("secret");
+    fs::write(&secret, b"s").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(fx.export().join("ro")).unwrap();
+    fs::set_permissions(fx.export().join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    fs::set_permissions(local.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(local.path().join("secret"), b"s").unwrap();
+    fs::set_permissions(
+        local.path().join("secret"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::create_dir(local.path().join("ro")).unwrap();
+    for base in [fx.mnt(), local.path().to_path_buf()] {
+        let b = base.clone();
+        let (read, create, chmod) = as_user(1000, move || {
+            (
+                code(fs::read(b.join("secret"))),
+                code(File::create(b.join("ro/new"))),
+                code(fs::set_permissions(
+                    b.join("secret"),
+                    fs::Permissions::from_mode(0o644),
+                )),
+            )
+        });
+        assert_eq!(
+            (read, create, chmod),
+            (libc::EACCES, libc::EACCES, libc::EPERM),
+            "{}",
+            base.display()
+        );
+    }
+    // Files created by a user are owned by that user on the HOST.
+    fs::set_permissions(fx.export().join("ro"), fs::Permissions::from_mode(0o777)).unwrap();
+    let m = fx.mnt();
+    as_user(1000, move || File::create(m.join("ro/mine")).unwrap());
+    assert_eq!(
+        fs::metadata(fx.export().join("ro/mine")).unwrap().uid(),
+        1000
+    );
+}
+
+#[test]
+fn root_squash_maps_root_to_nobody() {
+    let opts = ClientOptions {
+        root_squash: true,
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        opts,
+        |t| t,
+    ) else {
+        return;
+    };
+    fs::set_permissions(fx.export(), fs::Permissions::from_mode(0o777)).unwrap();
+    File::create(fx.mnt().join("squashed")).unwrap();
+    let m = fs::metadata(fx.export().join("squashed")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+}
+
+#[test]
+fn read_only_mount_refuses_writes() {
+    let opts = ClientOptions {
+        read_only: true,
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        opts,
+        |t| t,
+    ) else {
+        return;
+    };
+    fs::write(fx.export().join("f"), b"x").unwrap();
+    assert_eq!(fs::read(fx.mnt().join("f")).unwrap(), b"x");
+    assert_eq!(code(fs::write(fx.mnt().join("f"), b"y")), libc::EROFS);
+    assert_eq!(code(fs::create_dir(fx.mnt().join("d"))), libc::EROFS);
+}
+
+#[test]
+fn allowlist_denials_are_eacces() {
+    let Some(fx) = setup_with(
+        |p| {
+            StaticPolicy::new()
+                .with(ListType::Mount, p)
+                .with(ListType::Write, p.join("allowed"))
+                .with(ListType::Mkdir, p.join("allowed"))
+                .with(ListType::Unlink, p.join("allowed"))
+        },
+        ClientOptions::default(),
+        |t| t,
+    ) else {
+        return;
+    };
+    fs::create_dir(fx.export().join("allowed")).unwrap();
+    fs::create_dir(fx.export().join("other")).unwrap();
+    fs::write(fx.export().join("other/f"), b"x").unwrap();
+    fs::write(fx.mnt().join("allowed/f"), b"ok").unwrap();
+    assert_eq!(fs::read(fx.export().join("allowed/f")).unwrap(), b"ok");
+    assert_eq!(
+        code(fs::write(fx.mnt().join("other/f"), b"no")),
+        libc::EACCES
+    );
+    assert_eq!(code(fs::create_dir(fx.mnt().join("other/d"))), libc::EACCES);
+    assert_eq!(
+        code(fs::remove_file(fx.mnt().join("other/f"))),
+        libc::EACCES
+    );
+    // Component-wise: "allowedx" is not under "allowed".
+    fs::create_dir(fx.export().join("allowedx")).unwrap();
+    assert_eq!(
+        code(fs::create_dir(fx.mnt().join("allowedx/d"))),
+        libc::EACCES
+    );
+    // Types without entries do not restrict (as the original): reading is fine.
+    assert_eq!(fs::read(fx.mnt().join("other/f")).unwrap(), b"x");
+    fs::create_dir(fx.mnt().join("allowed/d")).unwrap();
+}
+
+#[test]
+fn posix_locks_reach_the_host_and_flock_works_locally() {
+    let Some(fx) = setup() else { return };
+    fs::write(fx.export().join("l"), b"lock me").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join("l"))
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid flock pointer.
+    assert_eq!(
+        errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) }),
+        0
+    );
+    // A HOST process sees the lock.
+    let h = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.export().join("l"))
+        .unwrap();
+    let mut q = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid flock pointer.
+    assert_eq!(
+        errno_of(unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) }),
+        0
+    );
+    assert_eq!(q.l_type, libc::F_WRLCK as i16);
+    drop(f);
+    let mut q = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid flock pointer.
+    unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) };
+    assert_eq!(q.l_type, libc::F_UNLCK as i16, "close released the lock");
+    // flock between two opens on the DPU side.
+    let a = File::open(fx.mnt().join("l")).unwrap();
+    let b = File::open(fx.mnt().join("l")).unwrap();
+    // SAFETY: plain syscalls on owned fds.
+    unsafe {
+        assert_eq!(
+            errno_of(libc::flock(a.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)),
+            0
+        );
+        assert_eq!(
+            errno_of(libc::flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)),
+            libc::EWOULDBLOCK
+        );
+    }
+}
+
+#[test]
+fn proc_mode_links_local_processes_to_local_proc() {
+    let opts = ClientOptions {
+        proc_mode: true,
+        local_proc: "/proc".into(),
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        opts,
+        |t| t,
+    ) else {
+        return;
+    };
+    fs::create_dir(fx.export().join("999999999")).unwrap();
+    assert_eq!(
+        fs::read_link(fx.mnt().join("self")).unwrap(),
+        Path::new("/proc/self")
+    );
+    assert_eq!(
+        fs::read_link(fx.mnt().join("thread-self")).unwrap(),
+        Path::new("/proc/thread-self")
+    );
+    let me = std::process::id().to_string();
+    assert_eq!(
+        fs::read_link(fx.mnt().join(&me)).unwrap(),
+        Path::new("/proc").join(&me)
+    );
+    // Following the link reaches our own status.
+    assert!(fs::read_to_string(fx.mnt().join("self/status"))
+        .unwrap()
+        .contains(&format!("Pid:\t{me}")));
+    // A PID that is not local is the HOST's entry.
+    assert!(fs::metadata(fx.mnt().join("999999999")).unwrap().is_dir());
+}
+
+#[test]
+fn pseudo_files_read_in_full_with_direct_io() {
+    if let Err(why) = common::can_mount() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pool = FsPool::new(2).unwrap();
+    let server = std::sync::Arc::new(FsServer::with_policy(
+        std::sync::Arc::new(StaticPolicy::new().with(ListType::Mount, "/proc")),
+        FsServerOptions { pool },
+    ));
+    let mnt = tempfile::tempdir().unwrap();
+    let t = std::sync::Arc::new(dpuctl::fs::InProcessTransport::new(server));
+    let m = rt
+        .block_on(dpuctl::fs::mount::mount_with_transport(
+            t,
+            Path::new("/proc"),
+            mnt.path(),
+            ClientOptions::default(),
+        ))
+        .unwrap();
+    assert_eq!(fs::metadata(mnt.path().join("meminfo")).unwrap().len(), 0);
+    let text = fs::read_to_string(mnt.path().join("meminfo")).unwrap();
+    assert!(text.contains("MemTotal:"), "{text}");
+    assert!(text.lines().count() > 10);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_dead_link_fails_with_enotconn_not_a_hang() {
+    use dpuctl::fs::{FsCallError, FsTransport};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    struct Breakable(Arc<dyn FsTransport>, Arc<AtomicBool>);
+    impl FsTransport for Breakable {
+        fn call(
+            &self,
+            op: u16,
+            p: bytes::Bytes,
+        ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, FsCallError>> {
+            if self.1.load(Ordering::SeqCst) {
+                Box::pin(async { Err(FsCallError::errno(libc::ENOTCONN)) })
+            } else {
+                self.0.call(op, p)
+            }
+        }
+    }
+    let dead = Arc::new(AtomicBool::new(false));
+    let d2 = dead.clone();
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        ClientOptions {
+            attr_ttl: Duration::ZERO,
+            entry_ttl: Duration::ZERO,
+            ..ClientOptions::default()
+        },
+        move |t| Arc::new(Breakable(t, d2)),
+    ) else {
+        return;
+    };
+    fs::write(fx.mnt().join("f"), b"x").unwrap();
+    dead.store(true, Ordering::SeqCst);
+    assert_eq!(code(fs::read(fx.mnt().join("f"))), libc::ENOTCONN);
+    assert_eq!(code(fs::metadata(fx.mnt().join("g"))), libc::ENOTCONN);
+}
+
+#[test]
+fn forgotten_nodes_and_closed_handles_are_released() {
+    let Some(fx) = setup() else { return };
+    for i in 0..100 {
+        fs::write(fx.mnt().join(format!("f{i}")), b"x").unwrap();
+    }
+    // RELEASE is sent asynchronously after close(2) returns.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fx.server.handle_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fx.server.handle_count(), 0, "every open was released");
+    let before = fx.server.node_count();
+    assert!(before >= 100);
+    // Dropping the kernel's dentry cache sends FORGETs.
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fx.server.node_count() > 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        fx.server.node_count() <= 10,
+        "nodes still held: {}",
+        fx.server.node_count()
+    );
+}
+
+#[test]
+fn posix_ops_match_with_writeback_cache_and_direct_io() {
+    let local = tempfile::tempdir().unwrap();
+    let want = transcript(local.path());
+    for opts in [
+        ClientOptions {
+            writeback: true,
+            ..ClientOptions::default()
+        },
+        ClientOptions {
+            direct_io: true,
+            ..ClientOptions::default()
+        },
+    ] {
+        let Some(fx) = setup_with(
+            |p| StaticPolicy::new().with(ListType::Mount, p),
+            opts.clone(),
+            |t| t,
+        ) else {
+            return;
+        };
+        let got = transcript(&fx.mnt());
+        assert_eq!(want, got, "{opts:?}");
+    }
+}
