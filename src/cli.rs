@@ -21,6 +21,7 @@ pub enum Tool {
     Install,
     Keygen,
     Config,
+    Mount,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -28,6 +29,7 @@ pub const LINK_NAMES: &[(&str, Tool)] = &[
     ("engine", Tool::Engine),
     ("udsproxyd", Tool::Udsproxyd),
     ("qtcfg", Tool::Qtcfg),
+    ("mount.qtfs", Tool::Mount),
 ];
 
 /// The tool an argv\[0\] basename selects, if it is one of the link names.
@@ -67,6 +69,7 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Install => install_main(args),
         Tool::Keygen => keygen_main(args),
         Tool::Config => config_main(args),
+        Tool::Mount => crate::fs::mount::main(args),
     }
 }
 
@@ -88,7 +91,7 @@ kubelet or libvirtd can run on the DPU while the containers and VMs they manage 
 a shared filesystem (qtfs), a Unix socket proxy (udsproxyd) and remote execution (rexec), all over \
 one authenticated link, guarded by default-deny allowlists.\n\n\
 Each tool is also reachable by its own name through a link (`dpuctl install` creates them): \
-engine, udsproxyd, qtcfg.",
+engine, udsproxyd, qtcfg, mount.qtfs.",
     after_help = "Run `dpuctl <tool> --help` for a tool's options.",
     disable_help_subcommand = true
 )]
@@ -116,6 +119,8 @@ enum TopTool {
     Keygen(Rest),
     /// Check or show the configuration file
     Config(Rest),
+    /// Mount a HOST directory from the engine (the mount.qtfs helper of `mount -t qtfs`)
+    Mount(Rest),
 }
 
 impl TopTool {
@@ -129,6 +134,7 @@ impl TopTool {
             TopTool::Install(_) => Tool::Install,
             TopTool::Keygen(_) => Tool::Keygen,
             TopTool::Config(_) => Tool::Config,
+            TopTool::Mount(_) => Tool::Mount,
         }
     }
 }
@@ -204,12 +210,14 @@ pub enum InstallError {
 
 /// The links `install` creates: (directory under the prefix, name, link target).
 fn install_links() -> Vec<(&'static str, &'static str, &'static str)> {
-    let mut links: Vec<_> = LINK_NAMES
+    LINK_NAMES
         .iter()
-        .map(|(name, _)| ("bin", *name, "dpuctl"))
-        .collect();
-    links.push(("sbin", "mount.qtfs", "../bin/dpuctl"));
-    links
+        .map(|(name, tool)| match tool {
+            // mount(8) looks for its helpers in /sbin (/usr/sbin with a merged /usr).
+            Tool::Mount => ("sbin", *name, "../bin/dpuctl"),
+            _ => ("bin", *name, "dpuctl"),
+        })
+        .collect()
 }
 
 /// Installs the binary and its links under `prefix`; see `dpuctl install --help`.
@@ -518,6 +526,8 @@ mod tests {
     #[test]
     fn every_link_name_is_a_subcommand() {
         for (name, tool) in LINK_NAMES {
+            // `mount.qtfs` is `dpuctl mount`.
+            let name = name.strip_suffix(".qtfs").unwrap_or(name);
             let top = Top::try_parse_from(["dpuctl", name]).unwrap();
             assert_eq!(top.tool.tool(), *tool);
         }

@@ -185,7 +185,7 @@ fn either_side_may_start_first_and_the_link_heals() {
     let host_uds = common::free_port().to_string();
     let dpu_uds = common::free_port().to_string();
     let fs = format!("tcp://127.0.0.1:{}", common::free_port());
-    let wl = scratch.write("wl", "");
+    let wl = scratch.write("wl", "[Mount]\nPath=/tmp\n");
     let dpu_args = [
         "udsproxyd",
         "1",
@@ -313,4 +313,26 @@ fn no_key_and_no_insecure_refuses_to_start() {
         err.contains("insecure"),
         "mentions the test-mode escape: {err}"
     );
+}
+
+#[test]
+fn engine_without_mount_entries_refuses_to_start_and_says_how_to_fix_it() {
+    let scratch = Scratch::new();
+    let key = scratch.key("psk");
+    let wl = scratch.write("wl", "[Udsconnect]\nPath=/run/x\n");
+    let out = common::dpuctl(&[
+        "engine",
+        "--no-uds",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--key",
+        s(&key),
+        "--whitelist",
+        s(&wl),
+        "--run-dir",
+        s(&scratch.path("run")),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[Mount]") && err.contains("Path="), "{err}");
 }

@@ -14,10 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 
+use crate::allowlist::ListType;
 use crate::config::{optional_addr, Config};
 use crate::daemon::peer::PeerManager;
 use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
 use crate::daemon::status::{PeerState, PeerStatus};
+use crate::fs::link::FsService;
+use crate::fs::server::FsPool;
 use crate::wire::{self, Addr, Hello, Link, LinkOptions, Role};
 
 /// The original file-service port (the qtfs kernel module's default).
@@ -171,6 +174,7 @@ async fn run_main(a: EngineArgs) -> Result<(), StartError> {
     let (mut config, source) = runner::resolve(&common)?;
     apply_args(&mut config, &a)?;
     let (daemon, reloads) = Daemon::start("engine", &config, source, common).await?;
+    require_mount_entries(&daemon, &config)?;
     let auth = runner::auth(&config)?;
     let engine = Engine::bind(&config, auth, daemon.clone()).await?;
     daemon.set_status_source(engine.clone());
@@ -180,6 +184,26 @@ async fn run_main(a: EngineArgs) -> Result<(), StartError> {
     engine.clients.close_all();
     for t in tasks {
         let _ = t.await;
+    }
+    Ok(())
+}
+
+/// The engine serves nothing without a `[Mount]` entry (as the original): refuse to start
+/// and say how to add one.
+fn require_mount_entries(daemon: &Daemon, config: &Config) -> Result<(), StartError> {
+    let empty = daemon
+        .allowlist
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .entries(ListType::Mount)
+        .is_empty();
+    if empty {
+        return Err(StartError::Usage(format!(
+            "no [Mount] entry in {}: the engine exports nothing without one. Add the directories \
+             the DPU may mount, e.g.\n  [Mount]\n  Path=/var/lib/docker;/proc;/sys\nand start \
+             the engine again",
+            config.common.whitelist.display()
+        )));
     }
     Ok(())
 }
@@ -196,6 +220,9 @@ pub struct Engine {
     hello: Hello,
     opts: LinkOptions,
     rejected: Arc<AtomicU64>,
+    /// The bounded pool every client's file syscalls run on (the original `<threads>`).
+    pool: Arc<FsPool>,
+    allowlist: crate::allowlist::SharedAllowlist,
 }
 
 impl Engine {
@@ -204,9 +231,13 @@ impl Engine {
     pub async fn bind(
         config: &Config,
         auth: wire::Auth,
-        _daemon: Arc<Daemon>,
+        daemon: Arc<Daemon>,
     ) -> Result<Arc<Engine>, StartError> {
         let e = &config.engine;
+        let pool = FsPool::new(e.threads).map_err(|source| StartError::Bind {
+            addr: format!("a pool of {} file-service threads", e.threads),
+            source,
+        })?;
         let bad = |key: &str, err: wire::AddrError| StartError::Usage(format!("{key}: {err}"));
         let fs_addr: Addr = e.listen.parse().map_err(|err| bad("engine.listen", err))?;
         let fs_listener = fs_addr.bind().await.map_err(|source| StartError::Bind {
@@ -251,6 +282,8 @@ impl Engine {
             hello,
             opts,
             rejected: Arc::new(AtomicU64::new(0)),
+            pool,
+            allowlist: daemon.allowlist.clone(),
         }))
     }
 
@@ -272,11 +305,15 @@ impl Engine {
             let on_reject: wire::OnReject = Arc::new(move |_peer, _e| {
                 rejected.fetch_add(1, Ordering::Relaxed);
             });
-            tasks.push(tokio::spawn(wire::serve(
+            let (allowlist, pool) = (self.allowlist.clone(), self.pool.clone());
+            let make_service: wire::MakeService = Arc::new(move |_peer| {
+                Arc::new(FsService::new(allowlist.clone(), pool.clone())) as Arc<dyn wire::Service>
+            });
+            tasks.push(tokio::spawn(wire::serve_per_link(
                 listener,
                 self.auth.clone(),
                 self.hello.clone(),
-                Arc::new(wire::NoService),
+                make_service,
                 self.opts.clone(),
                 on_link,
                 on_reject,

@@ -11,15 +11,13 @@
 //! The fs code talks to the link only through [`FsTransport`], so it runs unchanged over the
 //! authenticated wire link or in-process ([`InProcessTransport`], used by tests).
 //!
-//! Integration point (not in this module): `impl FsTransport for LinkTransport` wraps a
-//! `wire::Link` — `link.call(op, payload)` mapping `CallError::Remote(e)` to
-//! `FsCallError { errno: e.errno }`, `Closed` to ENOTCONN, `Timeout` to ETIMEDOUT and
-//! `TooLarge` to EFBIG — and the engine's `wire::Service` forwards ops for which
-//! [`proto::op::is_fs`] holds to [`server::FsServer::handle`].
+//! - [`link`]: the bridge over the wire: `LinkTransport` and `connect` on the client,
+//!   `FsService` (one per client link) on the engine.
 //!
 //! Concurrency: see each submodule; all shared state is behind `Arc` and short `Mutex`es.
 
 pub mod client;
+pub mod link;
 pub mod mount;
 pub mod proto;
 pub mod server;

@@ -41,8 +41,8 @@ pub enum MountError {
     },
     #[error("remote path '{0}' must be absolute")]
     RemotePath(PathBuf),
-    #[error("cannot connect to engine {server}: this build has no wire transport wired into mount.qtfs yet (fs::mount::connect)")]
-    NoWireLayer { server: String },
+    #[error("cannot reach the engine: {0}")]
+    Connect(#[from] super::link::ConnectError),
     #[error("engine refused to mount {remote}: {source}{hint}")]
     Attach {
         remote: PathBuf,
@@ -58,7 +58,52 @@ pub enum MountError {
     Runtime(std::io::Error),
     #[error("could not daemonise: {0}")]
     Daemon(String),
+    /// `--help` was asked for: not an error, `main` prints [`HELP`] and exits 0.
+    #[error("help requested")]
+    Help,
 }
+
+/// `mount.qtfs --help`.
+pub const HELP: &str = "\
+mount.qtfs - mount a HOST directory served by a dpuctl engine (the qtfs helper of mount(8))
+
+Usage:
+  mount -t qtfs [-o OPTIONS] REMOTE_PATH LOCAL_DIR
+  mount.qtfs REMOTE_PATH LOCAL_DIR [-o OPTIONS] [-f] [-s] [-n] [-v]
+  dpuctl mount REMOTE_PATH LOCAL_DIR [-o OPTIONS] [-f]
+  umount LOCAL_DIR
+
+REMOTE_PATH is a directory on the HOST that the engine's [Mount] allowlist covers; LOCAL_DIR is
+an existing directory here. One process serves each mount; it goes to the background once the
+mount is ready (a failure prints one line and exits 1, leaving nothing mounted).
+
+Options (-o, comma-separated):
+  server=ADDR          engine address: tcp://HOST:PORT, vsock://CID:PORT, HOST:PORT [127.0.0.1:12345]
+  key=FILE             pre-shared key file [/etc/dpuctl/psk]
+  insecure             no authentication (test setups; the engine must also be insecure)
+  ro | rw              read-only or read-write [rw]
+  proc                 proc mode: self, thread-self and local PIDs resolve to local_proc
+  local_proc=PATH      where the DPU's own procfs is mounted [/local_proc]
+  attr_timeout=SECS    attribute cache time [1]
+  entry_timeout=SECS   name lookup cache time [1]
+  writeback            kernel writeback cache (faster large writes)
+  direct_io            no page cache (always on for files of size 0, as in proc/sys)
+  allow_other          let every user use the mount [on]; noallow_other turns it off
+  root_squash          act as nobody on the HOST for root here; no_root_squash [off]
+  defaults, noauto, _netdev, nofail, x-* and other generic options are accepted and ignored.
+
+Flags:
+  -f   stay in the foreground     -v   verbose log on stderr
+  -s   sloppy (accepted)           -n   no mtab (accepted)
+  -h, --help   this text
+
+Examples:
+  mount -t qtfs -o server=192.168.10.10:12345 /var/lib/docker /another_rootfs/var/lib/docker
+  mount -t qtfs -o proc,server=192.168.10.10:12345 /proc /another_rootfs/proc
+  /etc/fstab:  /var/lib/docker  /another_rootfs/var/lib/docker  qtfs  server=192.168.10.10:12345,_netdev  0 0
+
+Exit status: 0 mounted, 1 mount failed, 2 usage error.
+";
 
 /// Parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +196,7 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
             // -s (sloppy: tolerate unknown options is handled by ignoring generic ones) and
             // -n (do not write /etc/mtab: there is none to write) need nothing.
             Some("-s") | Some("-n") => {}
-            Some("-h") | Some("--help") => return Err(MountError::Usage("help".into())),
+            Some("-h") | Some("--help") => return Err(MountError::Help),
             Some(o) if o.starts_with('-') && o.len() > 1 => {
                 return Err(MountError::Usage(format!("unknown flag {o}")))
             }
@@ -169,17 +214,15 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
     Ok(m)
 }
 
-/// Connects to the engine's file service. The integrator fills this with `wire::dial`
-/// (TCP or vsock, pre-shared key from `key`, `insecure` test mode) wrapped in a
-/// `LinkTransport`; until then it fails with a clear message.
-pub fn connect(
+/// Dials the engine and authenticates; see [`super::link::connect`].
+pub async fn connect(
     server: &str,
-    _key: &Path,
-    _insecure: bool,
+    key: &Path,
+    insecure: bool,
 ) -> Result<Arc<dyn FsTransport>, MountError> {
-    Err(MountError::NoWireLayer {
-        server: server.to_string(),
-    })
+    super::link::connect(server, key, insecure)
+        .await
+        .map_err(MountError::Connect)
 }
 
 /// A live mount; unmounts (and joins the session) when dropped.
@@ -281,6 +324,10 @@ pub async fn mount_with_transport(
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let m = match parse_args(&args) {
         Ok(m) => m,
+        Err(MountError::Help) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("mount.qtfs: {e}");
             return ExitCode::from(2);
@@ -373,7 +420,7 @@ fn serve(m: &MountArgs, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
         .enable_all()
         .build()
         .map_err(MountError::Runtime)?;
-    let transport = connect(&m.server, &m.key, m.insecure)?;
+    let transport = rt.block_on(connect(&m.server, &m.key, m.insecure))?;
     let handle = rt.block_on(mount_with_transport(
         transport,
         &m.remote,
@@ -476,10 +523,23 @@ mod tests {
     }
 
     #[test]
-    fn connect_names_the_missing_wire_layer() {
-        let e = connect("127.0.0.1:1", Path::new(DEFAULT_KEY), false)
+    fn connect_to_nothing_fails_with_the_address() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("psk");
+        crate::wire::Psk::write_new(&key, false).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = format!("127.0.0.1:{port}");
+        let e = rt.block_on(connect(&server, &key, false)).err().unwrap();
+        assert!(e.to_string().contains(&server), "{e}");
+        let e = rt
+            .block_on(connect(&server, &dir.path().join("none"), false))
             .err()
             .unwrap();
-        assert!(e.to_string().contains("no wire transport"), "{e}");
+        assert!(e.to_string().contains("dpuctl keygen"), "{e}");
     }
 }

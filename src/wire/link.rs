@@ -1012,6 +1012,36 @@ pub async fn serve(
     on_reject: OnReject,
     shutdown: CancellationToken,
 ) {
+    let make_service: MakeService = Arc::new(move |_| service.clone());
+    serve_per_link(
+        listener,
+        auth,
+        hello,
+        make_service,
+        opts,
+        on_link,
+        on_reject,
+        shutdown,
+    )
+    .await
+}
+
+/// Builds the service of one accepted link from the authenticated peer, so per-client
+/// state (open files, handles) lives exactly as long as the link.
+pub type MakeService = Arc<dyn Fn(&PeerInfo) -> Arc<dyn Service> + Send + Sync>;
+
+/// [`serve`] with a service built for each link by `make_service`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_per_link(
+    listener: Listener,
+    auth: Auth,
+    hello: Hello,
+    make_service: MakeService,
+    opts: LinkOptions,
+    on_link: OnLink,
+    on_reject: OnReject,
+    shutdown: CancellationToken,
+) {
     let opts = opts.normalized();
     let local = listener.local_addr();
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
@@ -1040,8 +1070,12 @@ pub async fn serve(
                 }
             },
         };
-        let (auth, hello, service, opts) =
-            (auth.clone(), hello.clone(), service.clone(), opts.clone());
+        let (auth, hello, make_service, opts) = (
+            auth.clone(),
+            hello.clone(),
+            make_service.clone(),
+            opts.clone(),
+        );
         let (on_link, on_reject, shutdown) = (on_link.clone(), on_reject.clone(), shutdown.clone());
         tasks.spawn(async move {
             let result = tokio::select! {
@@ -1058,6 +1092,7 @@ pub async fn serve(
                         version = info.version,
                         "peer connected"
                     );
+                    let service = make_service(&info);
                     on_link(Link::spawn(stream, info, service, opts));
                 }
                 Err(e) => {

@@ -22,6 +22,6 @@ pub use addr::{Addr, AddrError, Listener, Stream};
 pub use handshake::{Auth, HandshakeError, Hello, PeerInfo, Role, PROTOCOL_VERSION};
 pub use key::{KeyError, Psk, DEFAULT_KEY_PATH};
 pub use link::{
-    dial, serve, CallError, DialError, Link, LinkOptions, LinkStats, NoService, OnLink, OnReject,
-    RemoteError, Service,
+    dial, serve, serve_per_link, CallError, DialError, Link, LinkOptions, LinkStats, MakeService,
+    NoService, OnLink, OnReject, RemoteError, Service,
 };

@@ -175,6 +175,17 @@ impl Side {
             .expect("run nsenter")
     }
 
+    /// Runs `sh -c SCRIPT` in this side's mount namespace (`$DPUCTL` is the binary).
+    pub fn sh(&self, script: &str) -> Output {
+        let pid = self.daemon_pid().expect("daemon running");
+        Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--mount", "sh", "-c", script])
+            .env("DPUCTL", bin())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run nsenter sh")
+    }
+
     /// `dpuctl status --json` of this side, parsed.
     pub fn status(&self) -> Option<serde_json::Value> {
         let out = self.run(&["status", "--json"]);

@@ -1,0 +1,255 @@
+//! qtfs end to end: the engine on the HOST side, the real `mount.qtfs` (daemonised, one
+//! process per mount) on the DPU side, each in its own mount+pid namespace, over 127.0.0.1
+//! with a real key.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{s, text, Scratch, Side};
+
+struct Setup {
+    scratch: Scratch,
+    host: Side,
+    dpu: Side,
+    fs: String,
+    key: std::path::PathBuf,
+    export: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let scratch = Scratch::new();
+    let key = scratch.key("psk");
+    let export = scratch.path("export");
+    std::fs::create_dir(&export).unwrap();
+    std::fs::write(export.join("hello.txt"), "hello from the HOST\n").unwrap();
+    let wl = scratch.write(
+        "whitelist",
+        &format!("[Mount]\nPath={};/proc\n", s(&export)),
+    );
+    let fs = format!("127.0.0.1:{}", common::free_port());
+    let host = Side::start(
+        "host",
+        &scratch,
+        &[
+            "engine",
+            "--no-uds",
+            "--listen",
+            &format!("tcp://{fs}"),
+            "--key",
+            s(&key),
+            "--whitelist",
+            s(&wl),
+        ],
+    );
+    // The DPU side's anchor process: a udsproxyd that only listens.
+    let dpu_wl = scratch.write("dpu-whitelist", "");
+    let dpu = Side::start(
+        "dpu",
+        &scratch,
+        &[
+            "udsproxyd",
+            "--listen",
+            &format!("tcp://127.0.0.1:{}", common::free_port()),
+            "--key",
+            s(&key),
+            "--whitelist",
+            s(&dpu_wl),
+        ],
+    );
+    host.wait_status("engine up", Duration::from_secs(10), |st| {
+        st["daemons"][0]["name"] == "engine"
+    });
+    dpu.wait_status("udsproxyd up", Duration::from_secs(10), |st| {
+        st["daemons"][0]["name"] == "udsproxyd"
+    });
+    Setup {
+        scratch,
+        host,
+        dpu,
+        fs,
+        key,
+        export,
+    }
+}
+
+fn fuse_unavailable() -> Option<String> {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing".into());
+    }
+    common::namespaces_unavailable()
+}
+
+macro_rules! require_fuse {
+    () => {
+        if let Some(why) = fuse_unavailable() {
+            eprintln!("SKIPPED {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+#[test]
+fn mount_read_write_and_umount_through_the_engine() {
+    require_fuse!();
+    let t = setup();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let mnt = "/run/mnt";
+    let out = t.dpu.sh(&format!(
+        "mkdir -p {mnt} && $DPUCTL mount {} {mnt} -o {opts}",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "mount: {}", text(&out));
+    // Reads see the HOST's file; writes land on the HOST.
+    let out = t.dpu.sh(&format!(
+        "cat {mnt}/hello.txt && echo written > {mnt}/new.txt && mkdir {mnt}/d && mv {mnt}/new.txt {mnt}/d/moved.txt && ls {mnt}/d"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hello from the HOST") && stdout.contains("moved.txt"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.export.join("d/moved.txt")).unwrap(),
+        "written\n"
+    );
+    // Errors are the HOST's errno: rmdir of a non-empty directory.
+    let out = t.dpu.sh(&format!("rmdir {mnt}/d"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "{}",
+        text(&out)
+    );
+    // The engine lists the mount as a client.
+    let st = t.host.status().unwrap();
+    let peers = st["daemons"][0]["peers"].as_array().unwrap().clone();
+    assert!(
+        peers
+            .iter()
+            .any(|p| p["role"] == "mount" && p["state"] == "connected"),
+        "{st}"
+    );
+    // umount ends the mount process.
+    let out = t.dpu.sh(&format!("umount {mnt} && ! mountpoint -q {mnt}"));
+    assert!(out.status.success(), "{}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = t.host.status().unwrap();
+        let mounts = st["daemons"][0]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["role"] == "mount")
+            .count();
+        if mounts == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount's link outlived umount: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(t.scratch);
+}
+
+#[test]
+fn mount_t_qtfs_uses_the_helper_and_proc_is_the_hosts() {
+    require_fuse!();
+    let t = setup();
+    // Put the helper where mount(8) looks, inside the DPU namespace only.
+    let sbin = t.scratch.path("sbin");
+    std::fs::create_dir(&sbin).unwrap();
+    std::os::unix::fs::symlink(common::bin(), sbin.join("mount.qtfs")).unwrap();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mount --bind {} /usr/sbin && mkdir -p /run/p && mount -t qtfs -o {opts} /proc /run/p && cat /run/p/meminfo | head -1 && cat /run/p/1/comm",
+        s(&sbin)
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("MemTotal"),
+        "size-0 proc files read in full: {stdout}"
+    );
+    // PID 1 of the HOST namespace is the engine (dpuctl); of the DPU namespace, udsproxyd — also dpuctl,
+    // so compare the HOST-side view with what the HOST itself says.
+    let host_comm = t.host.sh("cat /proc/1/comm");
+    assert!(
+        stdout.contains(String::from_utf8_lossy(&host_comm.stdout).trim()),
+        "{stdout}"
+    );
+    let _ = t.dpu.sh("umount /run/p");
+}
+
+#[test]
+fn refused_and_missing_paths_fail_with_one_line_and_leave_nothing_mounted() {
+    require_fuse!();
+    let t = setup();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    for (remote, expect) in [
+        ("/etc", "Mount"),
+        (&format!("{}/nope", s(&t.export)) as &str, "No such file"),
+    ] {
+        let out = t.dpu.sh(&format!(
+            "mkdir -p /run/m && $DPUCTL mount {remote} /run/m -o {opts}"
+        ));
+        assert_eq!(out.status.code(), Some(1), "{remote}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(expect), "{remote}: {err}");
+        // (/proc/self is not this process here: nsenter entered the mount namespace only.)
+        let out = t
+            .dpu
+            .sh("mountpoint -q /run/m && echo mounted || echo clean");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "clean",
+            "nothing mounted"
+        );
+    }
+    // A wrong key is one line too.
+    let other = t.scratch.key("other");
+    let out = t.dpu.sh(&format!(
+        "$DPUCTL mount {} /run/m -o server={},key={}",
+        s(&t.export),
+        t.fs,
+        s(&other)
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("auth"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn engine_death_fails_operations_instead_of_hanging() {
+    require_fuse!();
+    let mut t = setup();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = t.dpu.sh("echo durable > /run/m/f && sync /run/m/f");
+    assert!(out.status.success(), "{}", text(&out));
+    t.host.stop();
+    let started = Instant::now();
+    let out = t.dpu.sh("timeout 30 cat /run/m/hello.txt; echo rc=$?");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("rc=124"), "operation hung: {}", text(&out));
+    assert!(!stdout.contains("rc=0"), "operation failed: {}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert_eq!(
+        std::fs::read_to_string(t.export.join("f")).unwrap(),
+        "durable\n",
+        "fsync'ed data kept"
+    );
+    let _ = t.dpu.sh("umount -l /run/m");
+}
