@@ -1,7 +1,7 @@
 //! POSIX behaviour through a real qtfs FUSE mount (engine executor + client in-process),
 //! compared against the same operations on a plain local directory.
 
-#[path = "fs_common.rs"]
+#[path = "fs_common/mod.rs"]
 mod common;
 
 use common::{code, setup, setup_with};
