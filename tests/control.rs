@@ -60,6 +60,9 @@ impl ControlHandler for TestHandler {
             allowlists: BTreeMap::from([("open".to_owned(), vec!["/var/lib/docker".to_owned()])]),
             log_level: String::new(),
             counters: BTreeMap::new(),
+            mount: None,
+            connections: Vec::new(),
+            sessions: Vec::new(),
         }
     }
 
@@ -201,7 +204,7 @@ async fn bad_requests_get_an_error_and_the_connection_stays_usable() {
     assert_eq!(
         reply["error"],
         "unknown command \"frobnicate\"; valid commands: status, allowlist_list, \
-         allowlist_add, allowlist_delete, log_level, logs, reload"
+         allowlist_add, allowlist_delete, log_level, logs, reload, session_kill"
     );
 
     raw.send(r#"{"list_type":"open"}"#).await;

@@ -80,6 +80,17 @@ pub enum Request {
     },
     /// Re-read config and allowlists, as SIGHUP does. -> `{"ok":true}`
     Reload,
+    /// Send `signal` (a number, default SIGTERM) to the process of rexec session `id`.
+    /// -> `{"ok":true}`
+    SessionKill {
+        id: u64,
+        #[serde(default = "default_kill_signal")]
+        signal: i32,
+    },
+}
+
+fn default_kill_signal() -> i32 {
+    libc::SIGTERM
 }
 
 fn default_backlog() -> usize {
@@ -131,7 +142,7 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const CLIENT_DRAIN: Duration = Duration::from_secs(2);
 
 /// The value of `cmd` for every [`Request`], in documentation order.
-pub const COMMANDS: [&str; 7] = [
+pub const COMMANDS: [&str; 8] = [
     "status",
     "allowlist_list",
     "allowlist_add",
@@ -139,6 +150,7 @@ pub const COMMANDS: [&str; 7] = [
     "log_level",
     "logs",
     "reload",
+    "session_kill",
 ];
 
 /// Errors of the control socket: binding it (daemon side) and talking to it (client side).
@@ -615,7 +627,8 @@ async fn answer(request: Request, server: &Server) -> String {
         other @ (Request::AllowlistList { .. }
         | Request::AllowlistAdd { .. }
         | Request::AllowlistDelete { .. }
-        | Request::Reload) => match server.handler.handle(other).await {
+        | Request::Reload
+        | Request::SessionKill { .. }) => match server.handler.handle(other).await {
             Ok(more) => fields = more,
             Err(message) => return error_line(&message),
         },
@@ -956,6 +969,7 @@ mod tests {
             r#"{"cmd":"log_level","level":"debug"}"#,
             r#"{"cmd":"logs","follow":true}"#,
             r#"{"cmd":"reload"}"#,
+            r#"{"cmd":"session_kill","id":3,"signal":9}"#,
         ];
         for (example, cmd) in examples.iter().zip(COMMANDS) {
             let request = parse_request(example).unwrap_or_else(|e| panic!("{example}: {e}"));
@@ -976,7 +990,7 @@ mod tests {
     #[test]
     fn request_errors_say_what_is_wrong() {
         let valid = "valid commands: status, allowlist_list, allowlist_add, allowlist_delete, \
-                     log_level, logs, reload";
+                     log_level, logs, reload, session_kill";
         assert_eq!(
             parse_request("[1,2]"),
             Err(format!(

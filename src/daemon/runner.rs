@@ -106,6 +106,20 @@ pub trait StatusSource: Send + Sync + 'static {
     fn counters(&self) -> std::collections::BTreeMap<String, u64> {
         Default::default()
     }
+    fn mount(&self) -> Option<Box<crate::daemon::status::MountStatus>> {
+        None
+    }
+    fn connections(&self) -> Vec<crate::daemon::status::ConnectionStatus> {
+        Vec::new()
+    }
+    fn sessions(&self) -> Vec<crate::daemon::status::SessionStatus> {
+        Vec::new()
+    }
+    /// Sends `signal` to the process of session `id` (the `session_kill` request).
+    fn kill_session(&self, id: u64, signal: i32) -> Result<(), String> {
+        let _ = (id, signal);
+        Err("this daemon runs no rexec sessions: send session_kill to rexec_server".into())
+    }
 }
 
 /// A running daemon's shared state.
@@ -274,6 +288,9 @@ impl Daemon {
             allowlists,
             log_level: self.log.level(),
             counters: source.as_ref().map(|s| s.counters()).unwrap_or_default(),
+            mount: source.as_ref().and_then(|s| s.mount()),
+            connections: source.as_ref().map(|s| s.connections()).unwrap_or_default(),
+            sessions: source.as_ref().map(|s| s.sessions()).unwrap_or_default(),
         }
     }
 
@@ -357,6 +374,16 @@ impl ControlHandler for Handler {
         let daemon = self.0.clone();
         Box::pin(async move {
             match req {
+                Request::SessionKill { id, signal } => {
+                    let source = daemon
+                        .status_source
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                        .ok_or_else(|| "the daemon is still starting: try again".to_string())?;
+                    source.kill_session(id, signal)?;
+                    Ok(Map::new())
+                }
                 Request::Reload => {
                     tokio::task::spawn_blocking(move || daemon.reload())
                         .await

@@ -61,4 +61,79 @@ pub struct DaemonStatus {
     /// Daemon-specific counters (requests served, handshakes refused, ...).
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+    /// A `mount` daemon's mount (absent for other daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<Box<MountStatus>>,
+    /// Live proxied Unix-socket connections (udsproxyd, engine).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connections: Vec<ConnectionStatus>,
+    /// Running rexec sessions (rexec_server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionStatus>,
+}
+
+/// One qtfs mount, reported by its `mount.qtfs` process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MountStatus {
+    /// The HOST path being mounted.
+    pub remote: String,
+    /// The local mount point.
+    pub local: String,
+    /// The mount options as given (`server=...,writeback,...`).
+    pub options: String,
+    /// `mounted`, `reconnecting` or `failed`.
+    pub state: String,
+    /// Per-operation figures by operation name (`lookup`, `read`, ...).
+    #[serde(default)]
+    pub ops: BTreeMap<String, OpStats>,
+}
+
+/// Counters and latency of one kind of operation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpStats {
+    pub count: u64,
+    /// Operations answered with an error.
+    pub errors: u64,
+    /// Latency percentiles over a recent window, microseconds.
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// One proxied Unix-socket connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// Connection id, unique within the daemon.
+    pub id: u64,
+    /// The socket path on the side that owns the server.
+    pub path: String,
+    /// `stream`, `dgram` or `seqpacket`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `outbound` (a local client reaching the peer) or `inbound` (the peer reaching a local server).
+    pub direction: String,
+    /// Bytes received from the local socket and from the peer.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub age_secs: u64,
+}
+
+/// One running rexec session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Session id, unique within the daemon; `session_kill` takes it.
+    pub id: u64,
+    pub argv: Vec<String>,
+    /// The client's pid on its own machine, when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pid: Option<u32>,
+    /// The pid of the process this daemon started.
+    pub remote_pid: u32,
+    /// Start time, seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// Bytes of stdin received and of stdout+stderr sent.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Where the client connected from.
+    #[serde(default)]
+    pub peer: String,
 }

@@ -779,6 +779,9 @@ mod tests {
             allowlists,
             log_level: "info".into(),
             counters,
+            mount: None,
+            connections: Vec::new(),
+            sessions: Vec::new(),
         }
     }
 
