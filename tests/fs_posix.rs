@@ -411,6 +411,79 @@ fn readdir_of_ten_thousand_entries() {
     assert_eq!(names[9_999], "f09999");
 }
 
+/// Reads up to `n` names from an open DIR stream (`n` = usize::MAX: to the end).
+fn read_names(d: *mut libc::DIR, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        // SAFETY: `d` is a live DIR stream; readdir's entry is valid until the next call.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        out.push(name.to_string_lossy().into_owned());
+    }
+    out
+}
+
+#[test]
+fn seekdir_rewinddir_and_partial_listings_stay_consistent() {
+    let Some(fx) = setup() else { return };
+    let dir = fx.export().join("big");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..3_000 {
+        File::create(dir.join(format!("entry-with-a-longer-name-{i:05}"))).unwrap();
+    }
+    let path = c(&fx.mnt().join("big"));
+    // SAFETY: plain libc directory-stream calls on a path we own; closed below.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null());
+    let first = read_names(d, 1_000);
+    // SAFETY: `d` is open.
+    let pos = unsafe { libc::telldir(d) };
+    let middle = read_names(d, 500);
+    // SAFETY: `pos` came from telldir on this stream.
+    unsafe { libc::seekdir(d, pos) };
+    let again = read_names(d, 500);
+    assert_eq!(
+        middle, again,
+        "seekdir back to a telldir position re-reads the same entries"
+    );
+    let rest = read_names(d, usize::MAX);
+    // SAFETY: `d` is open.
+    unsafe { libc::rewinddir(d) };
+    let all = read_names(d, usize::MAX);
+    // SAFETY: closes the stream once.
+    unsafe { libc::closedir(d) };
+    let mut seen: Vec<String> = first.into_iter().chain(middle).chain(rest).collect();
+    seen.retain(|n| n != "." && n != "..");
+    seen.sort();
+    let mut all: Vec<String> = all.into_iter().filter(|n| n != "." && n != "..").collect();
+    all.sort();
+    assert_eq!(seen.len(), 3_000, "one pass saw every entry exactly once");
+    assert_eq!(seen, all, "rewinddir lists the same entries");
+    seen.dedup();
+    assert_eq!(seen.len(), 3_000, "no entry was listed twice in one pass");
+
+    // A listing abandoned half way returns the lookups the engine made for it.
+    // SAFETY: as above.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert_eq!(read_names(d, 10).len(), 10);
+    // SAFETY: closes the stream once.
+    unsafe { libc::closedir(d) };
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fx.server.node_count() > 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        fx.server.node_count() <= 10,
+        "nodes still held after an abandoned listing: {}",
+        fx.server.node_count()
+    );
+}
+
 #[test]
 fn a_slow_read_does_not_stall_other_requests() {
     use dpuctl::fs::proto::op;

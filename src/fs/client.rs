@@ -20,16 +20,15 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request as FuseRequest, TimeOrNow,
     WriteFlags,
 };
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest write the kernel sends in one request (and readahead window).
 pub const MAX_WRITE: u32 = 1 << 20;
-/// The kernel's readdir buffer is one page (fs/fuse/readdir.c allocates PAGE_SIZE).
-const READDIR_SIZE: u32 = 4096;
 /// Synthetic proc-mode inodes live in the top half of the ino space (engine ids are small).
 const PROC_BASE: u64 = 1 << 63;
 const PROC_SELF: u64 = PROC_BASE | 1;
@@ -75,6 +74,38 @@ struct Inner {
     rt: tokio::runtime::Handle,
     opts: ClientOptions,
     root: u64,
+    /// Supplementary groups by caller pid, read from /proc at most once per
+    /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
+    groups: Mutex<HashMap<u32, (Instant, Arc<[u32]>)>>,
+    /// File handles on which a lock was requested: only their flush needs the engine
+    /// (it drops POSIX locks, as close does); other flushes are answered here, because
+    /// writes are already on the HOST when they complete (writeback flushes pages first).
+    locked: Mutex<HashSet<u64>>,
+    /// Directory entries fetched ahead per directory handle (see [`DirBuf`]).
+    dirs: Mutex<HashMap<u64, DirBuf>>,
+}
+
+/// How long a caller's supplementary groups are reused without re-reading /proc.
+const GROUPS_TTL: Duration = Duration::from_secs(1);
+/// Above this many cached pids the groups cache starts over (a bound, not an LRU: pids of
+/// short-lived processes come and go).
+const GROUPS_CACHE_MAX: usize = 4096;
+/// Readdir batch fetched from the engine at once ([`proto::dirent_cost`] units); the
+/// kernel asks one page at a time, so this saves ~30 round trips per batch.
+const DIR_BATCH: u32 = 128 * 1024;
+
+/// Entries of one directory handle fetched from the engine but not yet given to the
+/// kernel. The kernel reads a directory sequentially from the offset of the last entry it
+/// got, so a request at `next` continues the buffer; any other offset (seekdir, rewind)
+/// drops it and fetches afresh. In plus mode each buffered entry holds one engine lookup,
+/// which is forgotten if the entry is dropped undelivered.
+struct DirBuf {
+    plus: bool,
+    /// The offset the next kernel request must carry to continue this buffer.
+    next: u64,
+    entries: VecDeque<proto::DirEntry>,
+    /// The engine returned an empty batch at `next`: the directory is exhausted.
+    eof: bool,
 }
 
 /// One mounted qtfs filesystem (cheap to clone).
@@ -142,12 +173,8 @@ fn groups_of(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-fn creds_of(req: &FuseRequest) -> Creds {
-    Creds {
-        uid: req.uid(),
-        gid: req.gid(),
-        groups: groups_of(req.pid()),
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Credentials for fd-based ops, which the engine does not check (the open did).
@@ -197,6 +224,9 @@ impl QtfsClient {
                 rt: tokio::runtime::Handle::current(),
                 opts,
                 root,
+                groups: Mutex::new(HashMap::new()),
+                locked: Mutex::new(HashSet::new()),
+                dirs: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -221,6 +251,110 @@ impl QtfsClient {
         c.n_threads = Some(2);
         c.clone_fd = true;
         c
+    }
+
+    /// The caller's credentials; groups come from the cache when fresh.
+    fn creds_of(&self, req: &FuseRequest) -> Creds {
+        let pid = req.pid();
+        let now = Instant::now();
+        let cached = lock(&self.inner.groups)
+            .get(&pid)
+            .filter(|(at, _)| now.duration_since(*at) < GROUPS_TTL)
+            .map(|(_, g)| g.clone());
+        let groups = match cached {
+            Some(g) => g,
+            None => {
+                let g: Arc<[u32]> = groups_of(pid).into();
+                let mut cache = lock(&self.inner.groups);
+                if cache.len() >= GROUPS_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(pid, (now, g.clone()));
+                g
+            }
+        };
+        Creds {
+            uid: req.uid(),
+            gid: req.gid(),
+            groups: groups.to_vec(),
+        }
+    }
+
+    /// Continues the handle's buffered entries when the kernel asks at their offset, or
+    /// fetches a batch from the engine; `serve` gets the buffer (on this thread or a task).
+    fn dir_batch<F>(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        serve: F,
+    ) where
+        F: FnOnce(&QtfsClient, Result<DirBuf, i32>) + Send + 'static,
+    {
+        let buffered = lock(&self.inner.dirs).remove(&fh);
+        match buffered {
+            Some(buf) if buf.plus == plus && buf.next == offset => return serve(self, Ok(buf)),
+            Some(stale) => self.dir_forget(stale),
+            None => {}
+        }
+        let r = Request::Readdir {
+            node: self.node(ino),
+            fh,
+            offset,
+            size: DIR_BATCH,
+            plus,
+        };
+        self.call(r, self.creds_of(req), move |me, r| match r {
+            Ok(Response::Dir(entries)) => serve(
+                me,
+                Ok(DirBuf {
+                    plus,
+                    next: offset,
+                    eof: entries.is_empty(),
+                    entries: entries.into(),
+                }),
+            ),
+            Ok(_) => serve(me, Err(libc::EIO)),
+            Err(e) => serve(me, Err(e)),
+        });
+    }
+
+    /// Gives entries to the kernel until `add` reports the reply full; keeps the rest (or
+    /// the end-of-directory mark) for the next request on this handle.
+    fn dir_serve(
+        &self,
+        fh: u64,
+        mut buf: DirBuf,
+        mut add: impl FnMut(&QtfsClient, &proto::DirEntry) -> bool,
+    ) {
+        while let Some(e) = buf.entries.front() {
+            if add(self, e) {
+                break;
+            }
+            buf.next = e.offset;
+            buf.entries.pop_front();
+        }
+        if buf.entries.is_empty() && !buf.eof {
+            return;
+        }
+        let replaced = lock(&self.inner.dirs).insert(fh, buf);
+        if let Some(old) = replaced {
+            self.dir_forget(old);
+        }
+    }
+
+    /// Drops a buffer, returning the engine lookups its undelivered plus entries hold.
+    fn dir_forget(&self, buf: DirBuf) {
+        let items: Vec<(u64, u64)> = buf
+            .entries
+            .iter()
+            .filter_map(|e| e.entry.as_ref().map(|en| (en.node, 1)))
+            .collect();
+        if !items.is_empty() {
+            self.call(Request::Forget { items }, no_creds(), |_, _| {});
+        }
     }
 
     fn node(&self, ino: INodeNo) -> u64 {
@@ -418,7 +552,7 @@ impl Filesystem for QtfsClient {
             parent: self.node(parent),
             name: name.as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
     }
 
     fn forget(&self, _req: &FuseRequest, ino: INodeNo, nlookup: u64) {
@@ -508,7 +642,7 @@ impl Filesystem for QtfsClient {
                 fh: fh.map(|f| f.0),
                 set: s,
             },
-            creds_of(req),
+            self.creds_of(req),
             move |me, r| match r {
                 Ok(Response::Attr(a)) => {
                     reply.attr(&me.inner.opts.attr_ttl, &me.file_attr(node, &a))
@@ -528,7 +662,7 @@ impl Filesystem for QtfsClient {
             Request::Readlink {
                 node: self.node(ino),
             },
-            creds_of(req),
+            self.creds_of(req),
             |_, r| match r {
                 Ok(Response::Data(d)) => reply.data(&d),
                 Ok(_) => reply.error(Errno::EIO),
@@ -554,7 +688,7 @@ impl Filesystem for QtfsClient {
             umask,
             rdev: rdev.into(),
         };
-        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
     }
 
     fn mkdir(
@@ -572,7 +706,7 @@ impl Filesystem for QtfsClient {
             mode,
             umask,
         };
-        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
     }
 
     fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -580,7 +714,7 @@ impl Filesystem for QtfsClient {
             parent: self.node(parent),
             name: name.as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
     }
 
     fn rmdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -588,7 +722,7 @@ impl Filesystem for QtfsClient {
             parent: self.node(parent),
             name: name.as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
     }
 
     fn symlink(
@@ -604,7 +738,7 @@ impl Filesystem for QtfsClient {
             name: link_name.as_bytes().to_vec(),
             target: target.as_os_str().as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
     }
 
     fn rename(
@@ -624,7 +758,7 @@ impl Filesystem for QtfsClient {
             newname: newname.as_bytes().to_vec(),
             flags: flags.bits(),
         };
-        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
     }
 
     fn link(
@@ -640,7 +774,7 @@ impl Filesystem for QtfsClient {
             newparent: self.node(newparent),
             newname: newname.as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
     }
 
     fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -648,7 +782,7 @@ impl Filesystem for QtfsClient {
             node: self.node(ino),
             flags: self.adjust_open(flags.0),
         };
-        self.call(r, creds_of(req), |me, r| match r {
+        self.call(r, self.creds_of(req), |me, r| match r {
             Ok(Response::Opened { fh, flags }) => {
                 reply.opened(FileHandle(fh), me.open_flags(flags))
             }
@@ -715,6 +849,9 @@ impl Filesystem for QtfsClient {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if !lock(&self.inner.locked).contains(&fh.0) {
+            return reply.ok();
+        }
         self.call(
             Request::Flush {
                 fh: fh.0,
@@ -735,6 +872,7 @@ impl Filesystem for QtfsClient {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        lock(&self.inner.locked).remove(&fh.0);
         self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
             Self::reply_empty(r, reply)
         });
@@ -758,7 +896,7 @@ impl Filesystem for QtfsClient {
             Request::Opendir {
                 node: self.node(ino),
             },
-            creds_of(req),
+            self.creds_of(req),
             |_, r| match r {
                 Ok(Response::Opened { fh, .. }) => {
                     reply.opened(FileHandle(fh), FopenFlags::empty())
@@ -777,28 +915,18 @@ impl Filesystem for QtfsClient {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = Request::Readdir {
-            node: self.node(ino),
-            fh: fh.0,
-            offset,
-            size: READDIR_SIZE,
-            plus: false,
-        };
-        self.call(r, creds_of(req), |_, r| match r {
-            Ok(Response::Dir(entries)) => {
-                for e in entries {
-                    if reply.add(
+        self.dir_batch(req, ino, fh.0, offset, false, move |me, r| match r {
+            Ok(buf) => {
+                me.dir_serve(fh.0, buf, |_, e| {
+                    reply.add(
                         INodeNo(e.ino),
                         e.offset,
                         kind_of_dtype(e.kind),
                         OsStr::from_bytes(&e.name),
-                    ) {
-                        break;
-                    }
-                }
+                    )
+                });
                 reply.ok();
             }
-            Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         });
     }
@@ -811,27 +939,12 @@ impl Filesystem for QtfsClient {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let r = Request::Readdir {
-            node: self.node(ino),
-            fh: fh.0,
-            offset,
-            size: READDIR_SIZE,
-            plus: true,
-        };
-        self.call(r, creds_of(req), move |me, r| match r {
-            Ok(Response::Dir(entries)) => {
-                let o = &me.inner.opts;
-                let mut undelivered = Vec::new();
-                let mut full = false;
-                for e in entries {
-                    if full {
-                        if let Some(en) = e.entry {
-                            undelivered.push((en.node, 1));
-                        }
-                        continue;
-                    }
-                    let (attr, node) = match &e.entry {
-                        Some(en) => (me.file_attr(en.node, &en.attr), Some(en.node)),
+        self.dir_batch(req, ino, fh.0, offset, true, move |me, r| match r {
+            Ok(buf) => {
+                let ttl = me.inner.opts.entry_ttl;
+                me.dir_serve(fh.0, buf, |me, e| {
+                    let attr = match &e.entry {
+                        Some(en) => me.file_attr(en.node, &en.attr),
                         // `.` and `..`: the kernel does not link these, so no lookup is
                         // counted; describe them as directories of this inode.
                         None => {
@@ -843,33 +956,20 @@ impl Filesystem for QtfsClient {
                                 },
                             );
                             a.ino = ino;
-                            (a, None)
+                            a
                         }
                     };
-                    if reply.add(
+                    reply.add(
                         attr.ino,
                         e.offset,
                         OsStr::from_bytes(&e.name),
-                        &o.entry_ttl,
+                        &ttl,
                         &attr,
                         Generation(0),
-                    ) {
-                        full = true;
-                        if let Some(n) = node {
-                            undelivered.push((n, 1));
-                        }
-                    }
-                }
+                    )
+                });
                 reply.ok();
-                if !undelivered.is_empty() {
-                    me.call(
-                        Request::Forget { items: undelivered },
-                        no_creds(),
-                        |_, _| {},
-                    );
-                }
             }
-            Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         });
     }
@@ -882,6 +982,10 @@ impl Filesystem for QtfsClient {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let buf = lock(&self.inner.dirs).remove(&fh.0);
+        if let Some(buf) = buf {
+            self.dir_forget(buf);
+        }
         self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
             Self::reply_empty(r, reply)
         });
@@ -931,7 +1035,7 @@ impl Filesystem for QtfsClient {
             flags,
             value: Bytes::copy_from_slice(value),
         };
-        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
     }
 
     fn getxattr(
@@ -947,7 +1051,9 @@ impl Filesystem for QtfsClient {
             name: name.as_bytes().to_vec(),
             size,
         };
-        self.call(r, creds_of(req), move |_, r| reply_xattr(r, size, reply));
+        self.call(r, self.creds_of(req), move |_, r| {
+            reply_xattr(r, size, reply)
+        });
     }
 
     fn listxattr(&self, req: &FuseRequest, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -956,7 +1062,7 @@ impl Filesystem for QtfsClient {
                 node: self.node(ino),
                 size,
             },
-            creds_of(req),
+            self.creds_of(req),
             move |_, r| reply_xattr(r, size, reply),
         );
     }
@@ -966,7 +1072,7 @@ impl Filesystem for QtfsClient {
             node: self.node(ino),
             name: name.as_bytes().to_vec(),
         };
-        self.call(r, creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
     }
 
     fn access(&self, req: &FuseRequest, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -979,7 +1085,7 @@ impl Filesystem for QtfsClient {
                 node: self.node(ino),
                 mask: mask.bits(),
             },
-            creds_of(req),
+            self.creds_of(req),
             |_, r| Self::reply_empty(r, reply),
         );
     }
@@ -1001,7 +1107,7 @@ impl Filesystem for QtfsClient {
             umask,
             flags: self.adjust_open(flags),
         };
-        self.call(r, creds_of(req), |me, r| match r {
+        self.call(r, self.creds_of(req), |me, r| match r {
             Ok(Response::Created { entry, fh, flags }) => reply.created(
                 &me.inner.opts.entry_ttl,
                 &me.file_attr(entry.node, &entry.attr),
@@ -1056,6 +1162,8 @@ impl Filesystem for QtfsClient {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        // Before the request: a flush racing with it must go to the engine.
+        lock(&self.inner.locked).insert(fh.0);
         let req = Request::Setlk {
             fh: fh.0,
             owner: lock_owner.0,

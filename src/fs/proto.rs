@@ -1045,6 +1045,10 @@ impl Request {
 /// Size the kernel's readdir buffer spends on one entry: `fuse_dirent` (24 bytes) + name,
 /// padded to 8; readdirplus adds `fuse_entry_out` (128 bytes). The engine stops filling a
 /// reply at the client's buffer size with this, so every entry it looked up is delivered.
+/// Largest readdir batch (in [`dirent_cost`] units) the engine answers at once; a bigger
+/// `size` is treated as this. Well below the link's frame limit.
+pub const MAX_READDIR_BATCH: u32 = 256 * 1024;
+
 pub fn dirent_cost(name_len: usize, plus: bool) -> usize {
     let base = if plus { 24 + 128 } else { 24 };
     (base + name_len).div_ceil(8) * 8

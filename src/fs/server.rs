@@ -1286,6 +1286,8 @@ impl FsServer {
     ) -> Result<Response, Errno> {
         let h = self.handle_of(fh)?;
         let mount = h.mount;
+        // The client chooses the batch; cap it so one request cannot make a huge answer.
+        let size = size.min(proto::MAX_READDIR_BATCH);
         let raw = self
             .pool
             .run(Some(creds), move || {
