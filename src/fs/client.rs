@@ -76,7 +76,7 @@ struct Inner {
     root: u64,
     /// Supplementary groups by caller pid, read from /proc at most once per
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
-    groups: Mutex<HashMap<u32, (Instant, Arc<[u32]>)>>,
+    groups: Mutex<HashMap<u32, CachedGroups>>,
     /// File handles on which a lock was requested: only their flush needs the engine
     /// (it drops POSIX locks, as close does); other flushes are answered here, because
     /// writes are already on the HOST when they complete (writeback flushes pages first).
@@ -84,6 +84,9 @@ struct Inner {
     /// Directory entries fetched ahead per directory handle (see [`DirBuf`]).
     dirs: Mutex<HashMap<u64, DirBuf>>,
 }
+
+/// When a pid's groups were read, and the groups.
+type CachedGroups = (Instant, Arc<[u32]>);
 
 /// How long a caller's supplementary groups are reused without re-reading /proc.
 const GROUPS_TTL: Duration = Duration::from_secs(1);
