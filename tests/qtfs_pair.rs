@@ -130,10 +130,48 @@ fn mount_read_write_and_umount_through_the_engine() {
             .any(|p| p["role"] == "mount" && p["state"] == "connected"),
         "{st}"
     );
+    // The mount process registers its own control socket: status shows the mount, its
+    // engine link and per-operation figures.
+    let st = t.dpu.status().unwrap();
+    let mount = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mount")
+        .unwrap_or_else(|| panic!("no mount daemon in the DPU's status: {st}"))
+        .clone();
+    assert_eq!(mount["mount"]["remote"], s(&t.export), "{mount}");
+    assert_eq!(mount["mount"]["local"], mnt, "{mount}");
+    assert_eq!(mount["mount"]["state"], "mounted", "{mount}");
+    assert_eq!(mount["peers"][0]["state"], "connected", "{mount}");
+    assert_eq!(mount["peers"][0]["role"], "engine", "{mount}");
+    let lookups = mount["mount"]["ops"]["lookup"]["count"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(lookups > 0, "lookups are counted: {mount}");
+    assert!(
+        mount["mount"]["ops"]["rmdir"]["errors"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{mount}"
+    );
     // umount ends the mount process.
     let out = t.dpu.sh(&format!("umount {mnt} && ! mountpoint -q {mnt}"));
     assert!(out.status.success(), "{}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(5);
+    while t.dpu.status().unwrap()["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["name"] == "mount")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the mount's control socket outlived umount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     loop {
         let st = t.host.status().unwrap();
         let mounts = st["daemons"][0]["peers"]

@@ -309,6 +309,88 @@ fn render_probe(probe: &Probe) -> String {
             .collect();
         out.push_str(&format!("  counters:    {}\n", counters.join(", ")));
     }
+    if let Some(m) = &status.mount {
+        out.push_str(&format!(
+            "  mount:       {} on {} ({})\n",
+            m.remote, m.local, m.state
+        ));
+        if !m.options.is_empty() {
+            out.push_str(&format!("  options:     {}\n", m.options));
+        }
+    }
+    out.push_str(&peers_section(&status));
+    if let Some(m) = &status.mount {
+        if !m.ops.is_empty() {
+            out.push_str("  operations:\n");
+            let mut rows = vec![["OP", "COUNT", "ERRORS", "P50", "P99"]
+                .map(str::to_owned)
+                .to_vec()];
+            for (name, op) in &m.ops {
+                rows.push(vec![
+                    name.clone(),
+                    op.count.to_string(),
+                    op.errors.to_string(),
+                    human_rtt(op.p50_us),
+                    human_rtt(op.p99_us),
+                ]);
+            }
+            out.push_str(&table("    ", &rows, &[false, true, true, true, true]));
+        }
+    }
+    if !status.connections.is_empty() {
+        out.push_str("  connections:\n");
+        let mut rows = vec![["ID", "PATH", "TYPE", "DIRECTION", "IN", "OUT", "AGE"]
+            .map(str::to_owned)
+            .to_vec()];
+        for c in &status.connections {
+            rows.push(vec![
+                c.id.to_string(),
+                c.path.clone(),
+                c.kind.clone(),
+                c.direction.clone(),
+                human_bytes(c.bytes_in),
+                human_bytes(c.bytes_out),
+                human_secs(c.age_secs),
+            ]);
+        }
+        out.push_str(&table(
+            "    ",
+            &rows,
+            &[true, false, false, false, true, true, false],
+        ));
+    }
+    if !status.sessions.is_empty() {
+        out.push_str("  sessions:\n");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut rows = vec![["ID", "PID", "CLIENT PID", "FOR", "IN", "OUT", "COMMAND"]
+            .map(str::to_owned)
+            .to_vec()];
+        for x in &status.sessions {
+            rows.push(vec![
+                x.id.to_string(),
+                x.remote_pid.to_string(),
+                x.local_pid.map_or_else(|| "-".into(), |p| p.to_string()),
+                human_secs(now.saturating_sub(x.started_unix)),
+                human_bytes(x.bytes_in),
+                human_bytes(x.bytes_out),
+                x.argv.join(" "),
+            ]);
+        }
+        out.push_str(&table(
+            "    ",
+            &rows,
+            &[true, true, true, false, true, true, false],
+        ));
+    }
+    out
+}
+
+/// The peers table of one daemon (or `peers: none`), with their last errors.
+fn peers_section(status: &DaemonStatus) -> String {
+    let mut out = String::new();
     if status.peers.is_empty() {
         out.push_str("  peers:       none\n");
         return out;

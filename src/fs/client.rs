@@ -11,6 +11,7 @@
 //! in tasks on the given runtime. The client holds no per-request state of its own.
 
 use super::proto::{self, set, Attr, Creds, Entry, Lock, Request, Response, SetTime, Time};
+use super::stats::MountStats;
 use super::{FsCallError, FsTransport};
 use bytes::Bytes;
 use fuser::{
@@ -83,6 +84,7 @@ struct Inner {
     locked: Mutex<HashSet<u64>>,
     /// Directory entries fetched ahead per directory handle (see [`DirBuf`]).
     dirs: Mutex<HashMap<u64, DirBuf>>,
+    stats: Arc<MountStats>,
 }
 
 /// When a pid's groups were read, and the groups.
@@ -230,6 +232,7 @@ impl QtfsClient {
                 groups: Mutex::new(HashMap::new()),
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
+                stats: Arc::new(MountStats::new()),
             }),
         })
     }
@@ -360,6 +363,11 @@ impl QtfsClient {
         }
     }
 
+    /// This mount's per-operation statistics.
+    pub fn stats(&self) -> Arc<MountStats> {
+        self.inner.stats.clone()
+    }
+
     fn node(&self, ino: INodeNo) -> u64 {
         if ino.0 == 1 {
             self.inner.root
@@ -405,6 +413,7 @@ impl QtfsClient {
         let payload = req.encode(&creds);
         let me = self.clone();
         self.inner.rt.spawn(async move {
+            let started = Instant::now();
             let r = match me.inner.transport.call(op, payload).await {
                 Ok(b) => Response::decode(op, &b).map_err(|e| {
                     tracing::warn!(op, error = %e, "malformed qtfs reply");
@@ -412,6 +421,7 @@ impl QtfsClient {
                 }),
                 Err(e) => Err(e.errno),
             };
+            me.inner.stats.record(op, started.elapsed(), r.is_err());
             done(&me, r);
         });
     }

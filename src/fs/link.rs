@@ -65,6 +65,11 @@ pub async fn connect(
     key: &Path,
     insecure: bool,
 ) -> Result<Arc<dyn FsTransport>, ConnectError> {
+    Ok(Arc::new(LinkTransport(dial(server, key, insecure).await?)))
+}
+
+/// [`connect`], returning the link itself (for its status).
+pub async fn dial(server: &str, key: &Path, insecure: bool) -> Result<Link, ConnectError> {
     let addr: Addr = server.parse().map_err(|source| ConnectError::Address {
         server: server.to_string(),
         source,
@@ -82,7 +87,7 @@ pub async fn connect(
         LinkOptions::default(),
     )
     .await?;
-    Ok(Arc::new(LinkTransport(link)))
+    Ok(link)
 }
 
 /// The engine's fs service for one client link.

@@ -6,7 +6,9 @@
 //!   caller's credentials per syscall on a bounded pool of dedicated threads.
 //! - [`client`]: the FUSE filesystem (fuser) that turns kernel requests into fs requests and
 //!   answers them asynchronously from tokio tasks.
-//! - [`mount`]: `mount.qtfs` / `dpuctl mount`: option parsing, daemonising, one process per mount.
+//! - [`mount`]: `mount.qtfs` / `dpuctl mount`: option parsing, daemonising, one process per
+//!   mount, and its control socket (`mount-<pid>.ctl`).
+//! - [`stats`]: per-operation counters and latency percentiles of a mount.
 //!
 //! The fs code talks to the link only through [`FsTransport`], so it runs unchanged over the
 //! authenticated wire link or in-process ([`InProcessTransport`], used by tests).
@@ -21,6 +23,7 @@ pub mod link;
 pub mod mount;
 pub mod proto;
 pub mod server;
+pub mod stats;
 mod sys;
 
 use bytes::Bytes;

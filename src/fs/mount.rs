@@ -13,14 +13,22 @@
 //! fuser runs its own session threads.
 
 use super::client::{ClientOptions, QtfsClient};
+use super::link::LinkTransport;
+use super::stats::MountStats;
 use super::FsTransport;
+use crate::daemon::control::{self, ControlHandler, Request};
+use crate::daemon::logging::{self, LogHandle, LogTarget};
+use crate::daemon::status::{DaemonStatus, MountStatus, PeerState, PeerStatus};
+use crate::wire::Link;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The engine's default file-service address (DESIGN.md §4: qtfs port 12345).
 pub const DEFAULT_SERVER: &str = "127.0.0.1:12345";
@@ -90,6 +98,7 @@ Options (-o, comma-separated):
   direct_io            no page cache (always on for files of size 0, as in proc/sys)
   allow_other          let every user use the mount [on]; noallow_other turns it off
   root_squash          act as nobody on the HOST for root here; no_root_squash [off]
+  run_dir=DIR          where the control socket mount-<pid>.ctl goes [$DPUCTL_RUN_DIR or /var/run/qtfs]
   defaults, noauto, _netdev, nofail, x-* and other generic options are accepted and ignored.
 
 Flags:
@@ -116,6 +125,10 @@ pub struct MountArgs {
     pub foreground: bool,
     pub verbose: bool,
     pub client: ClientOptions,
+    /// Where the mount's control socket `mount-<pid>.ctl` goes.
+    pub run_dir: PathBuf,
+    /// The `-o` lists as given, for status.
+    pub options: String,
 }
 
 fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
@@ -128,6 +141,12 @@ fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
 
 /// Applies one `-o` list. Generic options mount(8) passes are accepted and ignored.
 pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
+    if !list.is_empty() {
+        if !m.options.is_empty() {
+            m.options.push(',');
+        }
+        m.options.push_str(list);
+    }
     for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
         let (k, v) = match opt.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -139,6 +158,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
         };
         match k {
             "server" => m.server = need()?.to_string(),
+            "run_dir" => m.run_dir = PathBuf::from(need()?),
             "key" => m.key = PathBuf::from(need()?),
             "insecure" => m.insecure = true,
             "ro" => m.client.read_only = true,
@@ -177,6 +197,10 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
         foreground: false,
         verbose: false,
         client: ClientOptions::default(),
+        run_dir: std::env::var_os("DPUCTL_RUN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(crate::daemon::control::DEFAULT_RUN_DIR)),
+        options: String::new(),
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -229,12 +253,18 @@ pub async fn connect(
 pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
     local: PathBuf,
+    stats: Arc<MountStats>,
 }
 
 impl MountHandle {
     /// The mount point.
     pub fn path(&self) -> &Path {
         &self.local
+    }
+
+    /// The mount's per-operation statistics.
+    pub fn stats(&self) -> Arc<MountStats> {
+        self.stats.clone()
     }
 
     /// Unmounts and waits for the session to end.
@@ -305,6 +335,7 @@ pub async fn mount_with_transport(
             source: e,
         })?;
     let config = client.fuse_config(&format!("qtfs:{}", remote.display()));
+    let stats = client.stats();
     let local_owned = local.to_path_buf();
     let session =
         tokio::task::spawn_blocking(move || fuser::spawn_mount(client, &local_owned, &config))
@@ -317,6 +348,7 @@ pub async fn mount_with_transport(
     Ok(MountHandle {
         session: Some(session),
         local: local.to_path_buf(),
+        stats,
     })
 }
 
@@ -333,15 +365,28 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let level = if m.verbose { "debug" } else { "warn" };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| {
+            if m.verbose {
+                "debug"
+            } else {
+                "info,fuser=warn"
+            }
+            .to_string()
+        });
+    // The ring behind `dpuctl logs` keeps every event at `level`; stderr (the terminal
+    // until the mount is ready, /dev/null after) gets the same lines.
+    let log = match logging::init("mount", &level, LogTarget::Stderr) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("mount.qtfs: {e}");
+            LogHandle::detached("mount")
+        }
+    };
     if m.foreground {
-        return match serve(&m, |_| {}) {
+        return match serve(&m, &log, |_| {}) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mount.qtfs: {e}");
@@ -349,7 +394,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
         };
     }
-    match daemonise(&m) {
+    match daemonise(&m, &log) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mount.qtfs: {e}");
@@ -360,7 +405,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 
 /// Forks before any thread exists; the child mounts and reports "OK" or its error line
 /// through a pipe; the parent exits with the outcome.
-fn daemonise(m: &MountArgs) -> Result<ExitCode, MountError> {
+fn daemonise(m: &MountArgs, log: &LogHandle) -> Result<ExitCode, MountError> {
     let (rd, wr) = nix::unistd::pipe().map_err(|e| MountError::Daemon(e.to_string()))?;
     // SAFETY: no other thread exists yet in this process (no runtime has been built), so
     // the child may run arbitrary code after fork.
@@ -385,7 +430,7 @@ fn daemonise(m: &MountArgs) -> Result<ExitCode, MountError> {
             drop(rd);
             let _ = nix::unistd::setsid();
             let wr_cell = std::cell::RefCell::new(Some(wr));
-            let r = serve(m, |_| {
+            let r = serve(m, log, |_| {
                 if let Some(w) = wr_cell.borrow_mut().take() {
                     let _ = std::fs::File::from(w).write_all(b"OK");
                     detach_stdio();
@@ -414,13 +459,15 @@ fn detach_stdio() {
     }
 }
 
-/// Connects, mounts, signals readiness, then waits for `umount` or SIGTERM/SIGINT.
-fn serve(m: &MountArgs, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+/// Connects, mounts, signals readiness, serves the control socket, then waits for
+/// `umount` or SIGTERM/SIGINT.
+fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MountError::Runtime)?;
-    let transport = rt.block_on(connect(&m.server, &m.key, m.insecure))?;
+    let link = rt.block_on(super::link::dial(&m.server, &m.key, m.insecure))?;
+    let transport: Arc<dyn FsTransport> = Arc::new(LinkTransport(link.clone()));
     let handle = rt.block_on(mount_with_transport(
         transport,
         &m.remote,
@@ -428,8 +475,40 @@ fn serve(m: &MountArgs, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
         m.client.clone(),
     ))?;
     ready(&m.local);
+    tracing::info!(remote = %m.remote.display(), local = %m.local.display(), server = %m.server, "qtfs mounted");
     let local = m.local.clone();
-    rt.block_on(async move {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let control_path = control::socket_path(&m.run_dir, &format!("mount-{}", std::process::id()));
+    let state = Arc::new(MountControl {
+        started: Instant::now(),
+        control: control_path.display().to_string(),
+        server: m.server.clone(),
+        remote: m.remote.display().to_string(),
+        local: m.local.display().to_string(),
+        options: m.options.clone(),
+        link: link.clone(),
+        stats: handle.stats(),
+        lost: Mutex::new(None),
+    });
+    rt.block_on(async {
+        match control::bind(&control_path) {
+            Ok(listener) => {
+                tokio::spawn(control::serve(
+                    listener,
+                    state.clone(),
+                    log.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            // The mount works without it; only status and the TUI miss it.
+            Err(e) => tracing::warn!(error = %e, "no control socket for this mount"),
+        }
+        let watch = state.clone();
+        tokio::spawn(async move {
+            let why = watch.link.closed().await;
+            tracing::error!(reason = %why, "link to the engine lost: this mount answers ENOTCONN until it is unmounted and mounted again");
+            *watch.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        });
         let waiter = tokio::task::spawn_blocking(move || handle.wait());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -439,8 +518,96 @@ fn serve(m: &MountArgs, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
                 let _ = nix::mount::umount2(&local, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        tracing::info!(local = %m.local.display(), "qtfs unmounted");
+        shutdown.cancel();
+        // Let the control server remove its socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     });
+    let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// What the mount's control socket reports (`dpuctl status`, the TUI).
+struct MountControl {
+    started: Instant,
+    control: String,
+    server: String,
+    remote: String,
+    local: String,
+    options: String,
+    link: Link,
+    stats: Arc<MountStats>,
+    /// Why the link to the engine ended, once it has.
+    lost: Mutex<Option<String>>,
+}
+
+impl ControlHandler for MountControl {
+    fn status(&self) -> DaemonStatus {
+        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let s = self.link.stats();
+        let peer = PeerStatus {
+            address: self.server.clone(),
+            state: if lost.is_some() || self.link.is_closed() {
+                PeerState::Disconnected
+            } else {
+                PeerState::Connected
+            },
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            role: Some("engine".into()),
+            rtt_us: s
+                .rtt
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            since_secs: self.started.elapsed().as_secs(),
+            last_error: lost.clone(),
+        };
+        let ops = self.stats.snapshot();
+        let counters = [
+            ("requests".to_string(), s.requests_out),
+            ("errors".to_string(), ops.values().map(|o| o.errors).sum()),
+        ]
+        .into_iter()
+        .collect();
+        DaemonStatus {
+            name: "mount".into(),
+            pid: std::process::id(),
+            control: self.control.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            listen: Vec::new(),
+            peers: vec![peer],
+            allowlists: Default::default(),
+            log_level: String::new(),
+            counters,
+            mount: Some(Box::new(MountStatus {
+                remote: self.remote.clone(),
+                local: self.local.clone(),
+                options: self.options.clone(),
+                state: if lost.is_some() { "failed" } else { "mounted" }.into(),
+                ops,
+            })),
+            connections: Vec::new(),
+            sessions: Vec::new(),
+        }
+    }
+
+    fn handle(&self, req: Request) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+        Box::pin(async move {
+            match req {
+                // Nothing to re-read: a mount's settings are its command line.
+                Request::Reload => Ok(Map::new()),
+                Request::AllowlistList { .. } => Ok(Map::from_iter([(
+                    "allowlists".to_string(),
+                    Value::Object(Map::new()),
+                )])),
+                _ => Err(
+                    "a mount has no allowlists or sessions: send this to the engine \
+                          (qtcfg --target engine)"
+                        .into(),
+                ),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
