@@ -318,7 +318,7 @@ fn render_probe(probe: &Probe) -> String {
             out.push_str(&format!("  options:     {}\n", m.options));
         }
     }
-    out.push_str(&peers_section(&status));
+    out.push_str(&peers_section(status));
     if let Some(m) = &status.mount {
         if !m.ops.is_empty() {
             out.push_str("  operations:\n");
