@@ -22,6 +22,8 @@ pub enum Tool {
     Keygen,
     Config,
     Mount,
+    Rexec,
+    RexecServer,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -30,6 +32,8 @@ pub const LINK_NAMES: &[(&str, Tool)] = &[
     ("udsproxyd", Tool::Udsproxyd),
     ("qtcfg", Tool::Qtcfg),
     ("mount.qtfs", Tool::Mount),
+    ("rexec", Tool::Rexec),
+    ("rexec_server", Tool::RexecServer),
 ];
 
 /// The tool an argv\[0\] basename selects, if it is one of the link names.
@@ -70,6 +74,8 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Keygen => keygen_main(args),
         Tool::Config => config_main(args),
         Tool::Mount => crate::fs::mount::main(args),
+        Tool::Rexec => crate::exec::client::main(args),
+        Tool::RexecServer => crate::exec::server::main(args),
     }
 }
 
@@ -91,7 +97,7 @@ kubelet or libvirtd can run on the DPU while the containers and VMs they manage 
 a shared filesystem (qtfs), a Unix socket proxy (udsproxyd) and remote execution (rexec), all over \
 one authenticated link, guarded by default-deny allowlists.\n\n\
 Each tool is also reachable by its own name through a link (`dpuctl install` creates them): \
-engine, udsproxyd, qtcfg, mount.qtfs.",
+engine, udsproxyd, qtcfg, mount.qtfs, rexec, rexec_server.",
     after_help = "Run `dpuctl <tool> --help` for a tool's options.",
     disable_help_subcommand = true
 )]
@@ -121,6 +127,11 @@ enum TopTool {
     Config(Rest),
     /// Mount a HOST directory from the engine (the mount.qtfs helper of `mount -t qtfs`)
     Mount(Rest),
+    /// Run a program on the other machine (remote execution client)
+    Rexec(Rest),
+    /// Remote execution server: runs whitelisted programs for rexec clients
+    #[command(name = "rexec_server")]
+    RexecServer(Rest),
 }
 
 impl TopTool {
@@ -135,6 +146,8 @@ impl TopTool {
             TopTool::Keygen(_) => Tool::Keygen,
             TopTool::Config(_) => Tool::Config,
             TopTool::Mount(_) => Tool::Mount,
+            TopTool::Rexec(_) => Tool::Rexec,
+            TopTool::RexecServer(_) => Tool::RexecServer,
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   ring, `dpuctl status` / `dpuctl logs`, and the `engine` and peer-link logic.
 //! - [`fs`]: qtfs, the shared filesystem: protocol, engine-side executor, FUSE client, mount helper.
 //! - [`uds`]: `udsproxyd`, the cross-host Unix socket proxy.
+//! - [`exec`]: `rexec` and `rexec_server`, remote execution with stdio, signals and exit status.
 //! - [`config`]: the configuration file `/etc/dpuctl/config.toml`.
 //! - [`cli`]: argv\[0\] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
 
@@ -16,6 +17,7 @@ pub mod allowlist;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod exec;
 pub mod fs;
 pub mod uds;
 pub mod wire;

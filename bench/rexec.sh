@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# rexec benchmark: dpuctl rexec over TCP (PSK handshake) and over the Unix socket, side by side
+# with local fork+exec and ssh (fresh and ControlMaster) in ONE interleaved run of
+# ../shared/bench/run_all.sh exec (hyperfine `PREFIX true`, 1 GiB stdout, 1 GiB stdin), plus
+# 100 concurrent `rexec true`. Prints the summary table with ratios against `local`.
+#
+#   bench/rexec.sh               REPS=3 by default; REPS=1 RUNS=20 for a quick look
+#   SHARED=/path/to/shared/bench bench/rexec.sh
+#
+# Targets: local, ssh, ssh-mux (from run_all.sh), rexec-tcp, rexec-uds. The servers run with
+# --log-level warn and a fresh key; everything stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SHARED=${SHARED:-$ROOT/../shared/bench}
+[ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in hyperfine openssh-server openssh-client jq python3; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release -q --bins
+BIN=$ROOT/target/release/dpuctl
+
+export ANCHOR_DIR=${ANCHOR_DIR:-/tmp/dpuctl-bench}
+export RESULTS=${RESULTS:-$ANCHOR_DIR/results.jsonl}
+mkdir -p "$ANCHOR_DIR"
+WORK=$(mktemp -d /tmp/dpuctl-rexec-bench.XXXXXX)
+SERVER_PID=
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$BIN" keygen "$WORK/psk" >/dev/null
+ln -s "$BIN" "$WORK/rexec"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export REXEC_RUN_DIR=$WORK/rexec-run
+"$BIN" rexec_server --listen "tcp://127.0.0.1:$PORT" --uds --key "$WORK/psk" \
+  --whitelist "$WORK/no-whitelist" --run-dir "$WORK/run" --log-level warn 2>"$WORK/server.log" &
+SERVER_PID=$!
+for _ in $(seq 100); do [ -S "$REXEC_RUN_DIR/rexec_uds.sock" ] && break; sleep 0.05; done
+
+TCP="$WORK/rexec --server tcp://127.0.0.1:$PORT --key $WORK/psk --"
+UDS="$WORK/rexec --"
+
+echo "== 100 concurrent rexec true (tcp and uds)" >&2
+for prefix in "$TCP" "$UDS"; do
+  fails=0
+  pids=()
+  for _ in $(seq 100); do $prefix true & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || fails=$((fails + 1)); done
+  echo "   ${prefix%% *} ... : $fails of 100 failed" >&2
+  [ "$fails" = 0 ] || { echo "bench: concurrent sessions failed" >&2; exit 1; }
+done
+
+EXTRA_EXEC="rexec-tcp=$TCP;rexec-uds=$UDS" "$SHARED/run_all.sh" exec
+echo
+python3 "$SHARED/summarize.py" "$RESULTS" --bench exec --base local

@@ -1,0 +1,745 @@
+//! `rexec CMD [ARGS...]`: runs CMD on the other machine through `rexec_server` and behaves
+//! like the local program — stdio, exit status (128+N for a signal), forwarded signals.
+//!
+//! Exit status: the program's, or 128+N when it died of signal N; 127 command not found;
+//! 126 not executable or not allowed by the whitelist; 255 connection, authentication or
+//! protocol problems; 1 for `--kill` failures; 2 usage errors.
+//!
+//! Concurrency: a current-thread tokio runtime (starting is most of the cost of a short
+//! command) runs the socket and signals. Two plain threads do the blocking stdio: one reads
+//! stdin into recycled buffers (a bounded channel paces it), one writes stdout/stderr (a
+//! bounded channel paces the socket reader, which is the output back-pressure). The main
+//! loop only writes to the socket, so forwarded signals are never stuck behind a slow
+//! stdout; stdin is sent within the server's window ([`proto::STDIN_WINDOW`]).
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio_util::codec::FramedRead;
+
+use super::proto::{self, data_header, op, ExitStatus, Msg, Rlimit, Start, Winsize, CHUNK};
+use super::pty::{self, RawMode};
+use crate::wire::frame::{FrameDecoder, HEADER_LEN};
+use crate::wire::{handshake, Addr, Auth, Hello, Psk, Role, Stream};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rexec",
+    version,
+    about = "Run a program on the other machine (HOST or DPU) as if it ran here",
+    long_about = "Runs CMD with ARGS through rexec_server on the other machine: stdin, stdout and \
+stderr stream both ways, the environment, working directory, umask and resource limits go along, \
+SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/SIGWINCH are forwarded, and rexec exits with the \
+program's status (128+N if it died of signal N). If rexec dies, the remote program is killed.\n\n\
+Without CMD_NET_ADDR it connects to the Unix socket /var/run/rexec/rexec_uds.sock (on a DPU, \
+udsproxyd carries it to the HOST); with CMD_NET_ADDR=tcp://IP:PORT or vsock://CID:PORT it connects \
+directly, authenticated with the pre-shared key.",
+    after_help = "Exit status: the program's; 128+N killed by signal N; 127 command not found; 126 not \
+executable or not allowed by the server's whitelist; 255 cannot connect, authentication failed, \
+connection lost.\n\nEnvironment:\n  CMD_NET_ADDR    tcp://IP:PORT or vsock://CID:PORT (default port 7777)\n  \
+REXEC_LOG_FILE  `std` logs to stderr, a path appends to that file\n  REXEC_RUN_DIR   socket and pids/ directory [default: /var/run/rexec]\n\n\
+Examples:\n  rexec /bin/sh -c 'exit 7'; echo $?       # 7\n  echo hi | rexec cat\n  CMD_NET_ADDR=tcp://192.168.10.10:7777 rexec -t bash\n  \
+rexec --env-only PATH,LANG env\n  rexec --kill TERM 12345                  # signal the remote process of local rexec 12345\n\n\
+Wrapper script (e.g. /usr/bin/qemu-kvm on the DPU):\n  #!/bin/bash\n  exec /usr/bin/rexec /usr/bin/qemu-kvm \"$@\"\n\nSee docs/rexec.md."
+)]
+struct ClientArgs {
+    /// Allocate a pseudo-terminal on the server (default: when stdin and stdout are terminals)
+    #[arg(short = 't', long = "tty", conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never allocate a pseudo-terminal
+    #[arg(short = 'T', long = "no-tty")]
+    no_tty: bool,
+    /// Pass only these environment variables (comma-separated; repeatable)
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    env_only: Vec<String>,
+    /// Signal the remote process of the local rexec LOCALPID (pid map in /var/run/rexec/pids)
+    #[arg(long, num_args = 2, value_names = ["SIGNAL", "LOCALPID"], conflicts_with = "command")]
+    kill: Vec<String>,
+    /// Server address (tcp://IP:PORT, vsock://CID:PORT, unix:///PATH, IP:PORT) [default: $CMD_NET_ADDR, else the Unix socket]
+    #[arg(long, value_name = "ADDR")]
+    server: Option<String>,
+    /// Pre-shared key file for TCP/vsock [default: common.key_file of the config, /etc/dpuctl/psk]
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Do not authenticate (the server must be insecure too; closed test networks only)
+    #[arg(long)]
+    insecure: bool,
+    /// Config file [default: $DPUCTL_CONFIG, else /etc/dpuctl/config.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Give up connecting after this long
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// The program and its arguments
+    #[arg(
+        value_name = "CMD",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required_unless_present = "kill"
+    )]
+    command: Vec<OsString>,
+}
+
+/// Why rexec failed; [`ClientError::exit_code`] maps each to the documented exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad server address {addr:?}: {source}")]
+    Address {
+        addr: String,
+        source: crate::wire::AddrError,
+    },
+    #[error(
+        "cannot connect to rexec_server at {addr}: {source} (is rexec_server running there{hint}?)"
+    )]
+    Connect {
+        addr: String,
+        hint: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Key(#[from] crate::wire::KeyError),
+    #[error("authentication with rexec_server at {addr} failed: {source}")]
+    Auth {
+        addr: String,
+        source: crate::wire::HandshakeError,
+    },
+    #[error("{message}")]
+    Remote { errno: i32, message: String },
+    #[error("connection to rexec_server lost: {0}")]
+    Lost(String),
+    #[error("protocol error: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl ClientError {
+    /// The exit status for this error (shell conventions).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Remote { errno, .. } => match *errno {
+                libc::ENOENT => 127,
+                libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY => 126,
+                _ => 255,
+            },
+            ClientError::Usage(_) => 2,
+            _ => 255,
+        }
+    }
+}
+
+/// Entry point for `rexec` and `dpuctl rexec`.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let a = match ClientArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return crate::cli::clap_exit(e),
+    };
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rexec: cannot start the runtime: {e}");
+            return ExitCode::from(255);
+        }
+    };
+    let kill_mode = !a.kill.is_empty();
+    let r = rt.block_on(async {
+        if kill_mode {
+            kill_main(&a).await
+        } else {
+            run(&a).await
+        }
+    });
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::debug!(error = ?e, "rexec failed");
+            eprintln!("rexec: {e}");
+            ExitCode::from(if kill_mode && matches!(e, ClientError::Remote { .. }) {
+                1
+            } else {
+                e.exit_code()
+            })
+        }
+    }
+}
+
+/// `REXEC_LOG_FILE=std` logs to stderr, any other value appends to that file; unset: silent.
+fn init_logging() {
+    let Some(target) = std::env::var_os("REXEC_LOG_FILE").filter(|v| !v.is_empty()) else {
+        return;
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_target(false);
+    if target == "std" {
+        let _ = builder.with_writer(std::io::stderr).try_init();
+    } else {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&target)
+        {
+            Ok(f) => {
+                let _ = builder
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(f))
+                    .try_init();
+            }
+            Err(e) => eprintln!(
+                "rexec: cannot open REXEC_LOG_FILE {}: {e}",
+                PathBuf::from(target).display()
+            ),
+        }
+    }
+}
+
+/// The server address: `--server`, else `CMD_NET_ADDR`, else the Unix socket.
+fn target(a: &ClientArgs) -> Result<Addr, ClientError> {
+    let given = a.server.clone().or_else(|| {
+        std::env::var("CMD_NET_ADDR")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    });
+    match given {
+        Some(s) => super::parse_addr(&s).map_err(|source| ClientError::Address { addr: s, source }),
+        None => Ok(Addr::Unix(
+            super::server::rexec_dir().join(super::SOCKET_NAME),
+        )),
+    }
+}
+
+/// Connects and authenticates.
+async fn connect(a: &ClientArgs) -> Result<Stream, ClientError> {
+    let addr = target(a)?;
+    let hint = match addr {
+        Addr::Unix(_) => ", or udsproxyd on a DPU",
+        _ => " and reachable",
+    };
+    let mut stream =
+        addr.connect(a.connect_timeout)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                hint,
+                source,
+            })?;
+    if matches!(addr, Addr::Unix(_)) {
+        return Ok(stream);
+    }
+    let (config, _) = crate::config::Config::load(a.config.as_deref())?;
+    let auth = if a.insecure || config.common.insecure {
+        tracing::warn!("insecure mode: this rexec connection is NOT authenticated");
+        Auth::Insecure
+    } else {
+        let key = a.key.clone().unwrap_or(config.common.key_file);
+        Auth::Psk(std::sync::Arc::new(Psk::load(&key)?))
+    };
+    let address = addr.to_string();
+    handshake::client(
+        &mut stream,
+        &address,
+        &auth,
+        &Hello::new(Role::Rexec),
+        a.connect_timeout,
+    )
+    .await
+    .map_err(|source| ClientError::Auth {
+        addr: address,
+        source,
+    })?;
+    Ok(stream)
+}
+
+/// The Start message for this process.
+fn start_message(a: &ClientArgs, tty: bool) -> Start {
+    let env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .filter(|(k, _)| a.env_only.is_empty() || a.env_only.iter().any(|n| k == n.as_str()))
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    let cwd = std::env::current_dir()
+        .map(|p| p.as_os_str().as_bytes().to_vec())
+        .unwrap_or_else(|_| b"/".to_vec());
+    // umask can only be read by setting it; set it straight back.
+    let mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    nix::sys::stat::umask(mask);
+    let rlimits = [libc::RLIMIT_CORE, libc::RLIMIT_NOFILE, libc::RLIMIT_STACK]
+        .into_iter()
+        .filter_map(|r| {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit to the valid, exclusive pointer.
+            (unsafe { libc::getrlimit(r, &mut lim) } == 0).then_some(Rlimit {
+                resource: r,
+                soft: lim.rlim_cur,
+                hard: lim.rlim_max,
+            })
+        })
+        .collect();
+    let winsize = if tty {
+        pty::get_winsize(std::io::stdin().as_fd())
+            .or_else(|| pty::get_winsize(std::io::stdout().as_fd()))
+            .unwrap_or(Winsize { rows: 24, cols: 80 })
+    } else {
+        Winsize::default()
+    };
+    Start {
+        argv: a.command.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        env,
+        cwd,
+        umask: mask.bits(),
+        rlimits,
+        tty,
+        winsize,
+        local_pid: std::process::id(),
+    }
+}
+
+/// `/var/run/rexec/pids/<local pid>` holding the remote pid while the program runs.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn create(remote_pid: u32) -> PidFile {
+        let dir = super::server::rexec_dir().join(super::PIDS_DIR);
+        let path = dir.join(std::process::id().to_string());
+        let write = || -> std::io::Result<()> {
+            if !dir.is_dir() {
+                std::fs::create_dir_all(&dir)?;
+            }
+            std::fs::write(&path, format!("{remote_pid}\n"))
+        };
+        match write() {
+            Ok(()) => PidFile(Some(path)),
+            Err(e) => {
+                // The pid map is a convenience for `rexec --kill`; running must not depend on it.
+                tracing::debug!(path = %path.display(), error = %e, "cannot write the pid map entry");
+                PidFile(None)
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Events for the main loop.
+enum Ctrl {
+    Ack(u64),
+    Exit(ExitStatus),
+    Error { errno: i32, message: String },
+    Lost(String),
+    StdoutClosed,
+}
+
+/// Output for the writer thread.
+enum Out {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+/// One stdin read: a buffer with `HEADER_LEN` bytes of room in front, and its fill.
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
+    let stdin_tty = std::io::stdin().is_terminal();
+    let tty = !a.no_tty && (a.tty || (stdin_tty && std::io::stdout().is_terminal()));
+    let start = start_message(a, tty);
+    let stream = connect(a).await?;
+    let (rd, mut wr) = stream.into_split();
+    Msg::Start(Box::new(start))
+        .write_to(&mut wr)
+        .await
+        .map_err(|e| ClientError::Lost(e.to_string()))?;
+    let mut frames = FramedRead::with_capacity(
+        rd,
+        FrameDecoder::new(proto::MAX_FRAME),
+        CHUNK + 2 * HEADER_LEN,
+    );
+    let remote_pid = match frames.next().await {
+        None => {
+            return Err(ClientError::Lost(
+                "closed before the program started".into(),
+            ))
+        }
+        Some(Err(e)) => return Err(ClientError::Lost(e.to_string())),
+        Some(Ok(f)) => match Msg::from_frame(f)? {
+            Msg::Started { pid } => pid,
+            Msg::Error { errno, message } => return Err(ClientError::Remote { errno, message }),
+            other => {
+                return Err(ClientError::Lost(format!(
+                    "unexpected first answer {other:?}"
+                )))
+            }
+        },
+    };
+    tracing::debug!(remote_pid, tty, "remote program started");
+    let pidfile = PidFile::create(remote_pid);
+    let mut raw = if tty && stdin_tty {
+        RawMode::enable().ok()
+    } else {
+        None
+    };
+
+    let (ctrl_tx, mut ctrl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctrl>();
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Out>(4);
+    let output = spawn_output_thread(out_rx, ctrl_tx.clone());
+    let (stdin_rx, recycle) = spawn_stdin_thread();
+    let mut stdin_rx = Some(stdin_rx);
+    let reader_ctrl = ctrl_tx.clone();
+    tokio::spawn(async move {
+        let ctrl = reader_ctrl;
+        loop {
+            let msg = match frames.next().await {
+                None => {
+                    let _ = ctrl.send(Ctrl::Lost("the server closed the connection".into()));
+                    return;
+                }
+                Some(Err(e)) => {
+                    let _ = ctrl.send(Ctrl::Lost(e.to_string()));
+                    return;
+                }
+                Some(Ok(f)) => match Msg::from_frame(f) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ctrl.send(Ctrl::Lost(e.to_string()));
+                        return;
+                    }
+                },
+            };
+            match msg {
+                Msg::Stdout(b) => {
+                    let _ = out_tx.send(Out::Stdout(b)).await;
+                }
+                Msg::Stderr(b) => {
+                    let _ = out_tx.send(Out::Stderr(b)).await;
+                }
+                Msg::StdinAck(n) => {
+                    let _ = ctrl.send(Ctrl::Ack(n));
+                }
+                Msg::Exit(st) => {
+                    let _ = ctrl.send(Ctrl::Exit(st));
+                    return; // drops out_tx: the output thread finishes
+                }
+                Msg::Error { errno, message } => {
+                    let _ = ctrl.send(Ctrl::Error { errno, message });
+                    return;
+                }
+                Msg::StdoutEof | Msg::StderrEof => {}
+                other => {
+                    let _ = ctrl.send(Ctrl::Lost(format!("unexpected message {other:?}")));
+                    return;
+                }
+            }
+        }
+    });
+    drop(ctrl_tx);
+    let mut signals = forward_signals();
+
+    let mut inflight: u64 = 0;
+    let result = loop {
+        tokio::select! {
+            ev = ctrl_rx.recv() => match ev {
+                Some(Ctrl::Ack(n)) => inflight = inflight.saturating_sub(n),
+                Some(Ctrl::Exit(st)) => break Ok(st),
+                Some(Ctrl::Error { errno, message }) => break Err(ClientError::Remote { errno, message }),
+                Some(Ctrl::Lost(why)) => break Err(ClientError::Lost(why)),
+                Some(Ctrl::StdoutClosed) => {
+                    if Msg::CloseStdout.write_to(&mut wr).await.is_err() {
+                        break Err(ClientError::Lost("writing to the server failed".into()));
+                    }
+                }
+                None => break Err(ClientError::Lost("the connection ended".into())),
+            },
+            Some(sig) = signals.recv() => {
+                let msg = if sig == libc::SIGWINCH {
+                    match pty::get_winsize(std::io::stdin().as_fd()) {
+                        Some(ws) if tty => Msg::Winsize(ws),
+                        _ => continue,
+                    }
+                } else {
+                    Msg::Signal(sig)
+                };
+                tracing::debug!(sig, "forwarding");
+                if msg.write_to(&mut wr).await.is_err() {
+                    break Err(ClientError::Lost("writing to the server failed".into()));
+                }
+            }
+            chunk = async { stdin_rx.as_mut()?.recv().await }, if stdin_rx.is_some() && inflight < proto::STDIN_WINDOW => {
+                let r = match chunk {
+                    Some(Chunk { mut buf, len }) => {
+                        buf[..HEADER_LEN].copy_from_slice(&data_header(op::STDIN, len));
+                        let r = wr.write_all(&buf[..HEADER_LEN + len]).await;
+                        inflight += len as u64;
+                        let _ = recycle.send(buf);
+                        r
+                    }
+                    None => {
+                        stdin_rx = None;
+                        Msg::StdinEof.write_to(&mut wr).await
+                    }
+                };
+                if r.is_err() {
+                    // The server went away; its reason (Exit or close) arrives on ctrl.
+                    stdin_rx = None;
+                }
+            }
+        }
+    };
+    // Output first: everything the program wrote reaches our stdout before we exit.
+    let _ = tokio::task::spawn_blocking(move || output.join()).await;
+    if let Some(r) = raw.as_mut() {
+        r.restore();
+    }
+    drop(pidfile);
+    let _ = wr.shutdown().await;
+    result.map(|st| {
+        tracing::debug!(status = ?st, "remote program ended");
+        st.shell_code()
+    })
+}
+
+/// Registers the forwarded signals; each arrival is sent as its number.
+fn forward_signals() -> tokio::sync::mpsc::UnboundedReceiver<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for signo in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGWINCH,
+    ] {
+        match signal(SignalKind::from_raw(signo)) {
+            Ok(mut s) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        if tx.send(signo).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::debug!(signo, error = %e, "cannot forward signal"),
+        }
+    }
+    rx
+}
+
+/// Reads stdin in a thread (never set O_NONBLOCK on a descriptor we share with our parent).
+fn spawn_stdin_thread() -> (
+    tokio::sync::mpsc::Receiver<Chunk>,
+    std::sync::mpsc::Sender<Vec<u8>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let spawned = std::thread::Builder::new()
+        .name("rexec-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            loop {
+                let mut buf = recycle_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![0u8; HEADER_LEN + CHUNK]);
+                let n = loop {
+                    match nix::unistd::read(stdin.as_fd(), &mut buf[HEADER_LEN..]) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "stdin read failed; sending end of file");
+                            break 0;
+                        }
+                        Ok(n) => break n,
+                    }
+                };
+                if n == 0 || tx.blocking_send(Chunk { buf, len: n }).is_err() {
+                    return; // dropping tx is end of file
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "cannot start the stdin thread; stdin is empty");
+    }
+    (rx, recycle_tx)
+}
+
+/// Writes stdout/stderr in a thread. A broken stdout is reported once (the server then
+/// closes the program's stdout, so it sees EPIPE/SIGPIPE as it would locally).
+fn spawn_output_thread(
+    mut rx: tokio::sync::mpsc::Receiver<Out>,
+    ctrl: tokio::sync::mpsc::UnboundedSender<Ctrl>,
+) -> std::thread::JoinHandle<()> {
+    let body = move || {
+        let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+        let (mut out_ok, mut err_ok) = (true, true);
+        while let Some(o) = rx.blocking_recv() {
+            let (fd, data, ok) = match &o {
+                Out::Stdout(b) => (stdout.as_fd(), b, &mut out_ok),
+                Out::Stderr(b) => (stderr.as_fd(), b, &mut err_ok),
+            };
+            if !*ok {
+                continue;
+            }
+            if let Err(e) = write_all_fd(fd, data) {
+                *ok = false;
+                if matches!(o, Out::Stdout(_)) {
+                    tracing::debug!(error = %e, "stdout closed");
+                    let _ = ctrl.send(Ctrl::StdoutClosed);
+                }
+            }
+        }
+    };
+    match std::thread::Builder::new()
+        .name("rexec-output".into())
+        .spawn(body)
+    {
+        Ok(h) => h,
+        // Without a thread there is no way to write output; run the loop inline in a
+        // thread-less fallback is impossible, so report through the join handle of a no-op.
+        Err(e) => {
+            eprintln!("rexec: cannot start the output thread: {e}");
+            std::process::exit(255);
+        }
+    }
+}
+
+fn write_all_fd(fd: std::os::fd::BorrowedFd<'_>, mut data: &[u8]) -> nix::Result<()> {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `rexec --kill SIGNAL LOCALPID`.
+async fn kill_main(a: &ClientArgs) -> Result<u8, ClientError> {
+    let (sig, local) = match a.kill.as_slice() {
+        [s, p] => (s, p),
+        _ => return Err(ClientError::Usage("--kill takes SIGNAL LOCALPID".into())),
+    };
+    let signal = parse_signal(sig)?;
+    let local: u32 = local
+        .parse()
+        .map_err(|_| ClientError::Usage(format!("LOCALPID must be a number, not {local:?}")))?;
+    let path = super::server::rexec_dir()
+        .join(super::PIDS_DIR)
+        .join(local.to_string());
+    let text = std::fs::read_to_string(&path).map_err(|source| ClientError::Io {
+        what: "no running rexec with that local pid (cannot read its pid map entry)",
+        source,
+    })?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| ClientError::Usage(format!("{} does not hold a pid", path.display())))?;
+    let stream = connect(a).await?;
+    let (rd, mut wr) = stream.into_split();
+    Msg::Kill { pid, signal }
+        .write_to(&mut wr)
+        .await
+        .map_err(|e| ClientError::Lost(e.to_string()))?;
+    let mut frames = FramedRead::new(rd, FrameDecoder::new(proto::MAX_FRAME));
+    match frames.next().await {
+        Some(Ok(f)) => match Msg::from_frame(f)? {
+            Msg::Exit(_) => Ok(0),
+            Msg::Error { errno, message } => Err(ClientError::Remote { errno, message }),
+            other => Err(ClientError::Lost(format!("unexpected answer {other:?}"))),
+        },
+        Some(Err(e)) => Err(ClientError::Lost(e.to_string())),
+        None => Err(ClientError::Lost("closed without an answer".into())),
+    }
+}
+
+/// `TERM`, `SIGTERM`, `term` or `15`.
+pub fn parse_signal(s: &str) -> Result<i32, ClientError> {
+    let t = s.trim().trim_start_matches('-');
+    if let Ok(n) = t.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|s| s as i32)
+            .map_err(|_| ClientError::Usage(format!("{n} is not a signal number")));
+    }
+    let up = t.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| ClientError::Usage(format!("{s:?} is not a signal name (try TERM, KILL, 9)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("TERM").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("sigkill").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("-9").unwrap(), 9);
+        assert_eq!(parse_signal("usr1").unwrap(), libc::SIGUSR1);
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("999").is_err());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        let remote = |errno| ClientError::Remote {
+            errno,
+            message: String::new(),
+        };
+        assert_eq!(remote(libc::ENOENT).exit_code(), 127);
+        assert_eq!(remote(libc::EACCES).exit_code(), 126);
+        assert_eq!(remote(libc::EPERM).exit_code(), 126);
+        assert_eq!(ClientError::Lost(String::new()).exit_code(), 255);
+    }
+
+    #[test]
+    fn command_args_are_not_rexec_options() {
+        let a = ClientArgs::try_parse_from(["rexec", "-t", "ls", "-l", "--kill", "x"]).unwrap();
+        assert!(a.tty);
+        assert_eq!(a.command, vec!["ls", "-l", "--kill", "x"]);
+        let a = ClientArgs::try_parse_from(["rexec", "--env-only", "A,B", "--", "env"]).unwrap();
+        assert_eq!(a.env_only, vec!["A", "B"]);
+        let start = start_message(&a, false);
+        assert!(start.env.iter().all(|(k, _)| k == b"A" || k == b"B"));
+        assert_eq!(start.argv, vec![b"env".to_vec()]);
+        let a = ClientArgs::try_parse_from(["rexec", "--kill", "TERM", "12"]).unwrap();
+        assert_eq!(a.kill, vec!["TERM", "12"]);
+        assert!(ClientArgs::try_parse_from(["rexec"]).is_err());
+    }
+}

@@ -1,0 +1,1053 @@
+//! `rexec_server`: accepts rexec sessions and runs the requested programs locally.
+//!
+//! One connection is one session ([`super::proto`]). A session is authenticated first
+//! (SO_PEERCRED on the Unix socket: root or the server's own uid; the PSK handshake on
+//! TCP/vsock), then its `Start` goes through [`whitelist::check`] — the one allow decision —
+//! and the program is spawned without a shell, in its own process group (its own session
+//! with a pty). If the client goes away before the program ends, the whole group gets
+//! SIGTERM and, after the grace period, SIGKILL: nothing is left running.
+//!
+//! Concurrency: [`run`] accepts on every listener and spawns one task per session, tracked
+//! by a `TaskTracker` so shutdown waits for them; a semaphore caps concurrent sessions. In a
+//! session, the frame loop (socket reader) owns the child; one task pumps each output stream
+//! and one writes stdin, so the frame loop is never blocked and always sees `Signal`. All
+//! writers share the socket's write half through an async mutex (each frame is written
+//! whole under the lock). The [`Registry`] (session list for the control socket) is a
+//! `std::sync::Mutex` held only to copy or insert entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use futures::StreamExt;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::proto::{self, data_header, op, ExitStatus, Msg, Start, CHUNK, STDIN_WINDOW};
+use super::pty::{self, PtyMaster};
+use super::whitelist::{self, Whitelist};
+use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
+use crate::daemon::status::{PeerStatus, SessionStatus};
+use crate::wire::frame::FrameDecoder;
+use crate::wire::{handshake, Addr, Auth, Hello, Listener, Role, Stream};
+
+/// How long a new connection may take to authenticate and send its `Start`.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the server needs to serve sessions.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The rexec whitelist file (absent file: every command may run).
+    pub whitelist: PathBuf,
+    /// Between SIGTERM and SIGKILL when a session's client goes away.
+    pub kill_grace: Duration,
+    /// Sessions served at once; more wait for a slot.
+    pub max_sessions: usize,
+    /// Authentication on TCP/vsock listeners (Unix listeners use SO_PEERCRED).
+    pub auth: Option<Auth>,
+}
+
+/// One running session, as listed on the control socket.
+struct Entry {
+    argv: Vec<String>,
+    local_pid: Option<u32>,
+    remote_pid: u32,
+    started_unix: u64,
+    peer: String,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+}
+
+/// Running sessions and counters; the server's [`StatusSource`].
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+    listen: Mutex<Vec<String>>,
+    started: AtomicU64,
+    refused: AtomicU64,
+    auth_failures: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// Records the addresses the server listens on (for status).
+    pub fn set_listen(&self, addrs: Vec<String>) {
+        *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    fn insert(&self, e: Entry) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, e);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn pid_of(&self, id: u64) -> Option<u32> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|e| e.remote_pid)
+    }
+
+    /// True when `pid` is the program of one of our running sessions.
+    fn runs_pid(&self, pid: u32) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|e| e.remote_pid == pid)
+    }
+
+    /// Number of running sessions.
+    pub fn len(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// True when no session runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl StatusSource for Registry {
+    fn listen(&self) -> Vec<String> {
+        self.listen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn peers(&self) -> Vec<PeerStatus> {
+        Vec::new()
+    }
+    fn counters(&self) -> BTreeMap<String, u64> {
+        let mut c = BTreeMap::new();
+        c.insert(
+            "sessions_started".into(),
+            self.started.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "sessions_refused".into(),
+            self.refused.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "sessions_failed".into(),
+            self.failed.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "auth_failures".into(),
+            self.auth_failures.load(Ordering::Relaxed),
+        );
+        c.insert("sessions_running".into(), self.len() as u64);
+        c
+    }
+    fn sessions(&self) -> Vec<SessionStatus> {
+        let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<SessionStatus> = map
+            .iter()
+            .map(|(id, e)| SessionStatus {
+                id: *id,
+                argv: e.argv.clone(),
+                local_pid: e.local_pid,
+                remote_pid: e.remote_pid,
+                started_unix: e.started_unix,
+                bytes_in: e.bytes_in.load(Ordering::Relaxed),
+                bytes_out: e.bytes_out.load(Ordering::Relaxed),
+                peer: e.peer.clone(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+    fn kill_session(&self, id: u64, signal: i32) -> Result<(), String> {
+        let pid = self
+            .pid_of(id)
+            .ok_or_else(|| format!("no running session {id}: list them with `dpuctl status`"))?;
+        let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
+        tracing::info!(session = id, pid, signal = %sig, "session killed from the control socket");
+        kill(Pid::from_raw(pid as i32), sig).map_err(|e| format!("kill {pid}: {e}"))
+    }
+}
+
+/// Serves sessions on `listeners` until `shutdown`; then ends every session (killing its
+/// process group) and returns once all session tasks are done.
+pub async fn run(
+    listeners: Vec<Listener>,
+    config: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(config.max_sessions.max(1)));
+    for listener in listeners {
+        let unix = matches!(listener.local_addr(), Addr::Unix(_));
+        let (config, registry, shutdown, slots, t) = (
+            config.clone(),
+            registry.clone(),
+            shutdown.clone(),
+            slots.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let (config, registry, shutdown) =
+                    (config.clone(), registry.clone(), shutdown.clone());
+                t.spawn(async move {
+                    session(stream, peer, unix, config, registry, shutdown).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+type Writer = Arc<tokio::sync::Mutex<crate::wire::addr::WriteHalf>>;
+
+/// Why a session ended abnormally (logged; the client has been told when it could be).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("the client sent nothing within {START_TIMEOUT:?}")]
+    Timeout,
+    #[error("the client closed the connection before starting a program")]
+    NoStart,
+    #[error("protocol error: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("stdin window exceeded ({0} bytes unacknowledged): the client ignores flow control")]
+    Window(u64),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn session(
+    mut stream: Stream,
+    peer: String,
+    unix: bool,
+    config: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let r = async {
+        authenticate(&mut stream, &peer, unix, &config).await?;
+        let (rd, wr) = stream.into_split();
+        let writer: Writer = Arc::new(tokio::sync::Mutex::new(wr));
+        let mut frames = FramedRead::with_capacity(
+            rd,
+            FrameDecoder::new(proto::MAX_FRAME),
+            CHUNK + 2 * crate::wire::frame::HEADER_LEN,
+        );
+        let first = match tokio::time::timeout(START_TIMEOUT, frames.next()).await {
+            Err(_) => return Err(SessionError::Timeout),
+            Ok(None) => return Err(SessionError::NoStart),
+            Ok(Some(f)) => Msg::from_frame(f.map_err(proto::ProtoError::from)?)?,
+        };
+        match first {
+            Msg::Start(start) => {
+                run_program(*start, frames, writer, &peer, &config, &registry, &shutdown).await
+            }
+            Msg::Kill { pid, signal } => {
+                let reply = kill_request(&registry, pid, signal, &peer);
+                reply.write_to(&mut *writer.lock().await).await?;
+                Ok(())
+            }
+            other => {
+                let msg = Msg::Error {
+                    errno: libc::EPROTO,
+                    message: "the first message must be Start or Kill".into(),
+                };
+                msg.write_to(&mut *writer.lock().await).await?;
+                Err(SessionError::Io(std::io::Error::other(format!(
+                    "unexpected first message {other:?}"
+                ))))
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        if matches!(e, SessionError::Auth(_)) {
+            registry.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %peer, error = %e, "rexec connection refused");
+        } else {
+            registry.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %peer, error = %e, "rexec session ended abnormally");
+        }
+    }
+}
+
+async fn authenticate(
+    stream: &mut Stream,
+    peer: &str,
+    unix: bool,
+    config: &ServerConfig,
+) -> Result<(), SessionError> {
+    if unix {
+        let Stream::Unix(s) = &*stream else {
+            return Err(SessionError::Auth("not a Unix socket".into()));
+        };
+        let cred = s
+            .peer_cred()
+            .map_err(|e| SessionError::Auth(format!("SO_PEERCRED: {e}")))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if cred.uid() != 0 && cred.uid() != me {
+            let msg = Msg::Error {
+                errno: libc::EACCES,
+                message: format!(
+                    "uid {} may not use rexec_server (only root or uid {me})",
+                    cred.uid()
+                ),
+            };
+            let _ = msg.write_to(stream).await;
+            return Err(SessionError::Auth(format!("uid {} refused", cred.uid())));
+        }
+        return Ok(());
+    }
+    let auth = config.auth.clone().unwrap_or(Auth::Insecure);
+    if auth.is_insecure() {
+        tracing::warn!(
+            peer,
+            "insecure mode: this rexec connection is NOT authenticated"
+        );
+    }
+    let hello = Hello::new(Role::RexecServer);
+    handshake::server(stream, peer, &auth, &hello, START_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| SessionError::Auth(e.to_string()))
+}
+
+/// `rexec --kill`: only processes this server started may be signalled.
+fn kill_request(registry: &Registry, pid: u32, signal: i32, peer: &str) -> Msg {
+    let err = |errno, message: String| Msg::Error { errno, message };
+    let Ok(sig) = Signal::try_from(signal) else {
+        return err(libc::EINVAL, format!("{signal} is not a signal number"));
+    };
+    if !registry.runs_pid(pid) {
+        return err(
+            libc::ESRCH,
+            format!("no rexec session runs pid {pid} on the server"),
+        );
+    }
+    tracing::info!(pid, signal = %sig, peer, "rexec --kill");
+    match kill(Pid::from_raw(pid as i32), sig) {
+        Ok(()) => Msg::Exit(ExitStatus::Code(0)),
+        Err(e) => err(e as i32, format!("kill {pid}: {e}")),
+    }
+}
+
+/// The child's stdio, by mode.
+enum Stdio {
+    Pipes {
+        stdin: Option<tokio::process::ChildStdin>,
+        stdout: Option<tokio::process::ChildStdout>,
+        stderr: Option<tokio::process::ChildStderr>,
+    },
+    Pty(Arc<PtyMaster>),
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_program(
+    start: Start,
+    mut frames: FramedRead<crate::wire::addr::ReadHalf, FrameDecoder>,
+    writer: Writer,
+    peer: &str,
+    config: &ServerConfig,
+    registry: &Arc<Registry>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let argv_text: Vec<String> = start.argv.iter().map(|a| lossy(a)).collect();
+    let mut cwd = PathBuf::from(OsStr::from_bytes(&start.cwd));
+    if !cwd.is_absolute() || !cwd.is_dir() {
+        // The client's directory often does not exist on this machine (a DPU path on the
+        // HOST); run from / rather than fail, as a login shell would start in a fallback.
+        tracing::debug!(cwd = %cwd.display(), "client cwd missing here; using /");
+        cwd = PathBuf::from("/");
+    }
+    let client_path = start
+        .env
+        .iter()
+        .find(|(k, _)| k == b"PATH")
+        .map(|(_, v)| OsStr::from_bytes(v));
+    let argv0 = start.argv.first().map(Vec::as_slice).unwrap_or_default();
+    let prog = match whitelist::check(&config.whitelist, argv0, client_path, &cwd) {
+        Ok(p) => p,
+        Err(refusal) => {
+            registry.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer, argv = ?argv_text, reason = %refusal, "rexec command refused");
+            let msg = Msg::Error {
+                errno: refusal.errno(),
+                message: refusal.to_string(),
+            };
+            msg.write_to(&mut *writer.lock().await).await?;
+            return Ok(());
+        }
+    };
+
+    let mut cmd = tokio::process::Command::new(&prog);
+    cmd.arg0(OsStr::from_bytes(argv0))
+        .args(start.argv.iter().skip(1).map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .envs(
+            start
+                .env
+                .iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(&cwd);
+    let umask = start.umask & 0o777;
+    let rlimits = start.rlimits.clone();
+    let tty = start.tty;
+    let mut pty_master = None;
+    if tty {
+        let (master, slave) = pty::open(start.winsize)?;
+        let out = slave.try_clone()?;
+        let err = slave.try_clone()?;
+        cmd.stdin(slave).stdout(out).stderr(err);
+        pty_master = Some(master);
+    } else {
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+    }
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (umask, setrlimit, setsid, ioctl); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(umask as libc::mode_t);
+            for r in &rlimits {
+                let lim = libc::rlimit {
+                    rlim_cur: r.soft as libc::rlim_t,
+                    rlim_max: r.hard as libc::rlim_t,
+                };
+                // Best effort: raising above this server's hard limit fails; the program
+                // then runs with the server's limit, as the client could not have had more.
+                libc::setrlimit(r.resource as _, &lim);
+            }
+            if tty {
+                // A new session whose controlling terminal is the pty on stdin.
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            registry.refused.fetch_add(1, Ordering::Relaxed);
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let message = match errno {
+                libc::ENOENT => format!("{}: command not found", argv_text[0]),
+                libc::EACCES | libc::ENOEXEC => {
+                    format!("{}: cannot execute: {e}", argv_text[0])
+                }
+                _ => format!("{}: cannot start: {e}", argv_text[0]),
+            };
+            tracing::warn!(peer, argv = ?argv_text, error = %e, "rexec spawn failed");
+            Msg::Error { errno, message }
+                .write_to(&mut *writer.lock().await)
+                .await?;
+            return Ok(());
+        }
+    };
+    let Some(pid) = child.id() else {
+        return Err(SessionError::Io(std::io::Error::other(
+            "the program exited before its pid was known",
+        )));
+    };
+    drop(cmd); // closes our copies of the pty slave
+    let stdio = match pty_master {
+        Some(m) => Stdio::Pty(Arc::new(PtyMaster::new(m)?)),
+        None => Stdio::Pipes {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+        },
+    };
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    let started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = registry.insert(Entry {
+        argv: argv_text.clone(),
+        local_pid: (start.local_pid != 0).then_some(start.local_pid),
+        remote_pid: pid,
+        started_unix,
+        peer: peer.to_string(),
+        bytes_in: bytes_in.clone(),
+        bytes_out: bytes_out.clone(),
+    });
+    registry.started.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(session = id, pid, peer, argv = ?argv_text, tty, "rexec session started");
+    let guard = SessionGuard {
+        registry: registry.clone(),
+        id,
+    };
+
+    let result = drive(
+        &mut child,
+        pid,
+        stdio,
+        &mut frames,
+        writer,
+        bytes_in.clone(),
+        bytes_out.clone(),
+        shutdown,
+    )
+    .await;
+    let outcome = match result {
+        Ok(status) => {
+            tracing::info!(session = id, pid, status = ?status,
+                bytes_in = bytes_in.load(Ordering::Relaxed),
+                bytes_out = bytes_out.load(Ordering::Relaxed), "rexec session ended");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::info!(session = id, pid, reason = %e, "rexec client gone; killing the process group");
+            kill_group(&mut child, pid, config.kill_grace).await;
+            Err(e)
+        }
+    };
+    drop(guard);
+    outcome
+}
+
+/// Removes the session from the registry however the session task ends.
+struct SessionGuard {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
+/// Runs the session's streams until the program has exited and its output is drained
+/// (returns its status, already sent to the client), or the client is gone (error).
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    stdio: Stdio,
+    frames: &mut FramedRead<crate::wire::addr::ReadHalf, FrameDecoder>,
+    writer: Writer,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    shutdown: &CancellationToken,
+) -> Result<ExitStatus, SessionError> {
+    Msg::Started { pid }
+        .write_to(&mut *writer.lock().await)
+        .await?;
+    let stop_stdout = CancellationToken::new();
+    let mut pumps = tokio::task::JoinSet::new();
+    let (stdin_tx, stdin_rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let queued = Arc::new(AtomicU64::new(0));
+    let pty_master = match stdio {
+        Stdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            if let Some(out) = stdout {
+                pumps.spawn(pump(
+                    out,
+                    op::STDOUT,
+                    writer.clone(),
+                    bytes_out.clone(),
+                    stop_stdout.clone(),
+                ));
+            }
+            if let Some(err) = stderr {
+                pumps.spawn(pump(
+                    err,
+                    op::STDERR,
+                    writer.clone(),
+                    bytes_out.clone(),
+                    CancellationToken::new(),
+                ));
+            }
+            tokio::spawn(stdin_writer(
+                StdinSink::Pipe(stdin),
+                stdin_rx,
+                writer.clone(),
+                queued.clone(),
+            ));
+            None
+        }
+        Stdio::Pty(master) => {
+            pumps.spawn(pump_pty(
+                master.clone(),
+                writer.clone(),
+                bytes_out.clone(),
+                stop_stdout.clone(),
+            ));
+            tokio::spawn(stdin_writer(
+                StdinSink::Pty(master.clone()),
+                stdin_rx,
+                writer.clone(),
+                queued.clone(),
+            ));
+            Some(master)
+        }
+    };
+    let mut stdin_tx = Some(stdin_tx);
+    let mut status: Option<ExitStatus> = None;
+    let mut outputs_done = pumps.is_empty();
+    loop {
+        if let (Some(st), true) = (status, outputs_done) {
+            Msg::Exit(st).write_to(&mut *writer.lock().await).await?;
+            // Let the client read the Exit before we close.
+            let _ = writer.lock().await.flush().await;
+            return Ok(st);
+        }
+        tokio::select! {
+            w = child.wait(), if status.is_none() => {
+                let w = w?;
+                use std::os::unix::process::ExitStatusExt;
+                status = Some(match (w.code(), w.signal()) {
+                    (Some(c), _) => ExitStatus::Code(c),
+                    (None, Some(s)) => ExitStatus::Signal(s),
+                    (None, None) => ExitStatus::Code(255),
+                });
+                if pty_master.is_some() {
+                    // A pty's output ends when its last holder exits; a background child of
+                    // the program could hold it forever, and the terminal session is over.
+                    stop_stdout.cancel();
+                }
+            }
+            r = pumps.join_next(), if !outputs_done => {
+                if let Some(Err(e)) = r {
+                    tracing::warn!(error = %e, "output pump failed");
+                }
+                outputs_done = pumps.is_empty();
+            }
+            _ = shutdown.cancelled() => {
+                return Err(SessionError::Io(std::io::Error::other("rexec_server is shutting down")));
+            }
+            f = frames.next() => {
+                let Some(f) = f else {
+                    return Err(SessionError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection",
+                    )));
+                };
+                match Msg::from_frame(f.map_err(proto::ProtoError::from)?)? {
+                    Msg::Stdin(data) => {
+                        let n = data.len() as u64;
+                        bytes_in.fetch_add(n, Ordering::Relaxed);
+                        let q = queued.fetch_add(n, Ordering::Relaxed) + n;
+                        if q > STDIN_WINDOW + CHUNK as u64 {
+                            return Err(SessionError::Window(q));
+                        }
+                        if let Some(tx) = &stdin_tx {
+                            // The writer task lives as long as the sender; if it ended (the
+                            // program closed stdin) the data is dropped, as a pipe would.
+                            let _ = tx.send(data);
+                        }
+                    }
+                    Msg::StdinEof => stdin_tx = None,
+                    Msg::Signal(s) => deliver_signal(pid, s, pty_master.as_deref()),
+                    Msg::Winsize(ws) => {
+                        if let Some(m) = &pty_master {
+                            let _ = pty::set_winsize(m.as_fd(), ws);
+                        }
+                    }
+                    Msg::CloseStdout => stop_stdout.cancel(),
+                    other => {
+                        return Err(SessionError::Io(std::io::Error::other(format!(
+                            "unexpected message from the client: {other:?}"
+                        ))))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Terminal-style signals (INT, QUIT, TSTP) go to the foreground group, as a terminal
+/// would send them; the rest to the program itself, as `kill PID` would.
+fn deliver_signal(pid: u32, signo: i32, pty: Option<&PtyMaster>) {
+    let Ok(sig) = Signal::try_from(signo) else {
+        tracing::debug!(signo, "ignoring an unknown signal number from the client");
+        return;
+    };
+    let group = matches!(sig, Signal::SIGINT | Signal::SIGQUIT | Signal::SIGTSTP);
+    let r = if group {
+        let pg = pty
+            .and_then(PtyMaster::foreground_group)
+            .unwrap_or(Pid::from_raw(pid as i32));
+        killpg(pg, sig)
+    } else {
+        kill(Pid::from_raw(pid as i32), sig)
+    };
+    if let Err(e) = r {
+        tracing::debug!(pid, signal = %sig, error = %e, "forwarding a signal failed");
+    }
+}
+
+/// SIGTERM to the program's process group, then SIGKILL after `grace` if anything remains.
+async fn kill_group(child: &mut tokio::process::Child, pid: u32, grace: Duration) {
+    let pg = Pid::from_raw(pid as i32);
+    let _ = killpg(pg, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        // Reap the leader so its zombie does not keep the group "alive".
+        let _ = child.try_wait();
+        if killpg(pg, None) == Err(nix::errno::Errno::ESRCH) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = killpg(pg, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// Copies one output stream to the client in data frames until end of file or `stop`.
+async fn pump<R: AsyncRead + Unpin>(
+    mut src: R,
+    data_op: u16,
+    writer: Writer,
+    counter: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    const H: usize = crate::wire::frame::HEADER_LEN;
+    let mut buf = vec![0u8; H + CHUNK];
+    loop {
+        let n = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = src.read(&mut buf[H..]) => n?,
+        };
+        if n == 0 {
+            break;
+        }
+        buf[..H].copy_from_slice(&data_header(data_op, n));
+        writer.lock().await.write_all(&buf[..H + n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    drop(src);
+    let eof = if data_op == op::STDOUT {
+        Msg::StdoutEof
+    } else {
+        Msg::StderrEof
+    };
+    eof.write_to(&mut *writer.lock().await).await
+}
+
+async fn pump_pty(
+    master: Arc<PtyMaster>,
+    writer: Writer,
+    counter: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    const H: usize = crate::wire::frame::HEADER_LEN;
+    let mut buf = vec![0u8; H + CHUNK];
+    loop {
+        let n = tokio::select! {
+            // After the program exits, drain what is already buffered, then stop.
+            _ = stop.cancelled() => match tokio::time::timeout(Duration::from_millis(20), master.read(&mut buf[H..])).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            },
+            n = master.read(&mut buf[H..]) => n?,
+        };
+        if n == 0 {
+            break;
+        }
+        buf[..H].copy_from_slice(&data_header(op::STDOUT, n));
+        writer.lock().await.write_all(&buf[..H + n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Msg::StdoutEof.write_to(&mut *writer.lock().await).await
+}
+
+enum StdinSink {
+    Pipe(Option<tokio::process::ChildStdin>),
+    Pty(Arc<PtyMaster>),
+}
+
+/// Writes stdin data to the program and acknowledges it to the client (window credit).
+/// Data arriving after the program closed its stdin is discarded but still acknowledged,
+/// so the client never stalls.
+async fn stdin_writer(
+    mut sink: StdinSink,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    writer: Writer,
+    queued: Arc<AtomicU64>,
+) {
+    while let Some(data) = rx.recv().await {
+        let r = match &mut sink {
+            StdinSink::Pipe(Some(p)) => p.write_all(&data).await,
+            StdinSink::Pipe(None) => Ok(()),
+            StdinSink::Pty(m) => m.write_all(&data).await,
+        };
+        if r.is_err() {
+            if let StdinSink::Pipe(p) = &mut sink {
+                *p = None;
+            }
+        }
+        let n = data.len() as u64;
+        queued.fetch_sub(n, Ordering::Relaxed);
+        if Msg::StdinAck(n)
+            .write_to(&mut *writer.lock().await)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    // Sender dropped: StdinEof (or the session ended). Dropping the sink closes the pipe.
+}
+
+// ---------------------------------------------------------------------------------------------
+// rexec_server main
+
+/// The default Unix socket directory (`/var/run/rexec`); `REXEC_RUN_DIR` overrides it.
+pub fn rexec_dir() -> PathBuf {
+    std::env::var_os("REXEC_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(super::DEFAULT_REXEC_DIR))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rexec_server",
+    version,
+    about = "Run programs for rexec clients (remote execution server)",
+    long_about = "Accepts rexec sessions and runs the requested programs on this machine with the \
+client's argv, environment, working directory, umask and stdio; forwards signals; reports the exit \
+status. Without CMD_NET_ADDR or --listen it listens on the Unix socket /var/run/rexec/rexec_uds.sock \
+(mode 0600; udsproxyd carries it to the other machine). With /etc/rexec/whitelist present only the \
+commands listed there run. Runs in the foreground (systemd Type=notify); SIGTERM stops it, ending \
+every session's processes.",
+    after_help = "Environment:\n  CMD_NET_ADDR    tcp://IP:PORT or vsock://CID:PORT to listen on (default port 7777)\n  REXEC_RUN_DIR   directory of the Unix socket and pids/ [default: /var/run/rexec]\n\nExamples:\n  rexec_server\n  CMD_NET_ADDR=tcp://0.0.0.0:7777 rexec_server\n  rexec_server --listen vsock://4294967295:7777 --kill-grace 5s\n\nFiles: /etc/rexec/whitelist, /etc/dpuctl/psk, /var/run/rexec/rexec_uds.sock, /var/run/qtfs/rexec_server.ctl\nSee docs/rexec.md."
+)]
+struct ServerArgs {
+    /// Listen address (tcp://, vsock://, unix://); repeatable [default: $CMD_NET_ADDR, else the Unix socket]
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Also listen on the default Unix socket when --listen/CMD_NET_ADDR is given
+    #[arg(long)]
+    uds: bool,
+    /// The rexec command whitelist
+    #[arg(long, value_name = "FILE", default_value = whitelist::DEFAULT_WHITELIST)]
+    whitelist: PathBuf,
+    /// Grace period between SIGTERM and SIGKILL when a client goes away
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
+    /// Sessions served at once
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_sessions: usize,
+    /// Config file [default: $DPUCTL_CONFIG, else /etc/dpuctl/config.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Pre-shared key file for TCP/vsock [default: /etc/dpuctl/psk]
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Do not authenticate TCP/vsock connections (closed test networks only)
+    #[arg(long)]
+    insecure: bool,
+    /// Directory of the control socket and lock [default: /var/run/qtfs]
+    #[arg(long, value_name = "DIR", env = "DPUCTL_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Log level or tracing directive [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+/// Entry point for `rexec_server` and `dpuctl rexec_server`.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let a = match ServerArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return crate::cli::clap_exit(e),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return crate::cli::fail("rexec_server", &e),
+    };
+    match rt.block_on(run_main(a)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => crate::cli::fail("rexec_server", &e),
+    }
+}
+
+/// The addresses to listen on: flags, else `CMD_NET_ADDR`, else the Unix socket.
+fn listen_addrs(a: &ServerArgs) -> Result<Vec<Addr>, StartError> {
+    let mut v: Vec<String> = a.listen.clone();
+    if v.is_empty() {
+        if let Some(env) = std::env::var_os("CMD_NET_ADDR").filter(|s| !s.is_empty()) {
+            v.push(env.to_string_lossy().into_owned());
+        }
+    }
+    let mut addrs = v
+        .iter()
+        .map(|s| super::parse_addr(s).map_err(|e| StartError::Usage(format!("{s}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() || a.uds {
+        addrs.push(Addr::Unix(rexec_dir().join(super::SOCKET_NAME)));
+    }
+    Ok(addrs)
+}
+
+async fn run_main(a: ServerArgs) -> Result<(), StartError> {
+    let addrs = listen_addrs(&a)?;
+    let networked = addrs.iter().any(|a| !matches!(a, Addr::Unix(_)));
+    let common = CommonArgs {
+        config: a.config.clone(),
+        key_file: a.key.clone(),
+        insecure: a.insecure,
+        run_dir: a.run_dir.clone(),
+        log_level: a.log_level.clone(),
+        whitelist: None,
+    };
+    let (mut config, source) = runner::resolve(&common)?;
+    if !networked {
+        // Unix-socket-only: peers are authenticated by SO_PEERCRED and no key is used, so
+        // a missing key file must not stop the server (validation checks it otherwise).
+        config.common.insecure = true;
+    }
+    // Refuse to start on a bad whitelist before anything is bound.
+    match Whitelist::load(&a.whitelist) {
+        Ok(Some(w)) => {
+            eprintln!(
+                "rexec_server: whitelist {}: {} entries",
+                a.whitelist.display(),
+                w.paths.len() + w.names.len()
+            );
+        }
+        Ok(None) => {}
+        Err(e) => return Err(StartError::Usage(e.to_string())),
+    }
+    let (daemon, reloads) = Daemon::start("rexec_server", &config, source, common).await?;
+    if !a.whitelist.exists() {
+        tracing::warn!(whitelist = %a.whitelist.display(), "no rexec whitelist: every command may run; create it (mode 0400, owned by root) to restrict");
+    }
+    let auth = if networked {
+        Some(runner::auth(&config)?)
+    } else {
+        None
+    };
+    let mut listeners = Vec::new();
+    for addr in &addrs {
+        if let Addr::Unix(path) = addr {
+            prepare_rexec_dir(path)?;
+        }
+        let l = addr.bind().await.map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        if let Addr::Unix(path) = addr {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?;
+        }
+        listeners.push(l);
+    }
+    let registry = Registry::new();
+    registry.set_listen(
+        listeners
+            .iter()
+            .map(|l| l.local_addr().to_string())
+            .collect(),
+    );
+    daemon.set_status_source(registry.clone());
+    let server_config = Arc::new(ServerConfig {
+        whitelist: a.whitelist.clone(),
+        kill_grace: a.kill_grace,
+        max_sessions: a.max_sessions,
+        auth,
+    });
+    tracing::info!(listen = ?registry.listen(), whitelist = %a.whitelist.display(), "rexec_server starting");
+    daemon.ready();
+    let task = tokio::spawn(run(
+        listeners,
+        server_config,
+        registry,
+        daemon.shutdown.clone(),
+    ));
+    daemon.serve_until_shutdown(reloads).await;
+    let _ = task.await;
+    Ok(())
+}
+
+/// Creates the socket's directory and `pids/` beside it (mode 0755).
+fn prepare_rexec_dir(socket: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    for d in [dir.to_path_buf(), dir.join(super::PIDS_DIR)] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&d)
+            .map_err(|e| StartError::Usage(format!("cannot create {}: {e}", d.display())))?;
+    }
+    Ok(())
+}
