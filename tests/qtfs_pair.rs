@@ -25,7 +25,7 @@ fn setup() -> Setup {
     std::fs::write(export.join("hello.txt"), "hello from the HOST\n").unwrap();
     let wl = scratch.write(
         "whitelist",
-        &format!("[Mount]\nPath={};/proc\n", s(&export)),
+        &format!("[Mount]\nPath={};/proc;/sys/fs/cgroup\n", s(&export)),
     );
     let fs = format!("127.0.0.1:{}", common::free_port());
     let host = Side::start(
@@ -290,4 +290,101 @@ fn engine_death_fails_operations_instead_of_hanging() {
         "fsync'ed data kept"
     );
     let _ = t.dpu.sh("umount -l /run/m");
+}
+
+/// A cgroup directory the engine may create groups in: the v2 root, or v1's pids hierarchy.
+fn cgroup_base() -> Option<&'static str> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/pids"]
+        .into_iter()
+        .find(|b| std::path::Path::new(b).join("cgroup.procs").exists())
+}
+
+#[test]
+fn cgroup_writes_through_the_mount_take_effect_on_the_host() {
+    require_fuse!();
+    let Some(base) = cgroup_base() else {
+        eprintln!("SKIPPED cgroup test: no writable cgroup hierarchy under /sys/fs/cgroup");
+        return;
+    };
+    let t = setup();
+    let engine = t.host.daemon_pid().expect("engine pid");
+    let group = format!("dpuctl-test-{}", std::process::id());
+    let rel = base
+        .trim_start_matches("/sys/fs/cgroup")
+        .trim_start_matches('/');
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let dir = if rel.is_empty() {
+        format!("/run/cg/{group}")
+    } else {
+        format!("/run/cg/{rel}/{group}")
+    };
+    let root = dir.trim_end_matches(&format!("/{group}")).to_string();
+    // Create the group on the HOST through the mount, move the engine (pid 1 of the HOST
+    // namespace: cgroup.procs takes pids of the writer's namespace) into it, set a limit.
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/cg && $DPUCTL mount /sys/fs/cgroup /run/cg -o {opts} && mkdir {dir} && echo 1 > {dir}/cgroup.procs && cat {dir}/cgroup.procs"
+    ));
+    let host_dir = std::path::Path::new(base).join(&group);
+    let cleanup = |t: &Setup| {
+        let _ = t.dpu.sh(&format!(
+            "echo 1 > {root}/cgroup.procs; rmdir {dir}; umount -l /run/cg"
+        ));
+        let _ = std::fs::remove_dir(&host_dir);
+    };
+    if !out.status.success() {
+        cleanup(&t);
+        panic!("cgroup through qtfs: {}", text(&out));
+    }
+    let own = std::fs::read_to_string(format!("/proc/{engine}/cgroup")).unwrap();
+    let moved = own.lines().any(|l| l.ends_with(&format!("/{group}")));
+    // pids.max exists in v2 groups (when the pids controller is enabled) and in v1's pids.
+    let limit_file = "pids.max";
+    let limit = t.dpu.sh(&format!(
+        "echo 4242 > {dir}/{limit_file} && cat {dir}/{limit_file}"
+    ));
+    let host_limit = std::fs::read_to_string(host_dir.join(limit_file)).unwrap_or_default();
+    cleanup(&t);
+    assert!(moved, "the engine moved into {group} on the HOST: {own}");
+    assert!(limit.status.success(), "{}", text(&limit));
+    assert_eq!(
+        host_limit.trim(),
+        "4242",
+        "the limit written on the DPU is the HOST's"
+    );
+    assert!(
+        !host_dir.exists(),
+        "rmdir through the mount removed the group"
+    );
+}
+
+#[test]
+fn an_fstab_line_mounts_with_plain_mount() {
+    require_fuse!();
+    let t = setup();
+    let sbin = t.scratch.path("sbin");
+    std::fs::create_dir(&sbin).unwrap();
+    std::os::unix::fs::symlink(common::bin(), sbin.join("mount.qtfs")).unwrap();
+    let fstab = t.scratch.write(
+        "fstab",
+        &format!(
+            "# dpuctl test\n{} /run/fst qtfs server={},key={},_netdev,nofail 0 0\n",
+            s(&t.export),
+            t.fs,
+            s(&t.key)
+        ),
+    );
+    // /etc/fstab and /usr/sbin are replaced inside the DPU namespace only.
+    let out = t.dpu.sh(&format!(
+        "mount --bind {} /usr/sbin && mount --bind {} /etc/fstab && mkdir -p /run/fst && mount /run/fst && cat /run/fst/hello.txt && grep ' /run/fst ' /proc/1/mounts",
+        s(&sbin),
+        s(&fstab)
+    ));
+    let _ = t.dpu.sh("umount /run/fst");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("hello from the HOST"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("qtfs:{} /run/fst fuse", s(&t.export))),
+        "the fstab entry became a qtfs FUSE mount: {stdout}"
+    );
 }
