@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages dpuctl's build, tests and demo need (Debian/Ubuntu, as root).
 set -euo pipefail
-pkgs=(fuse3 libfuse3-dev pkg-config util-linux procps tmux iproute2)
+pkgs=(fuse3 libfuse3-dev pkg-config util-linux procps tmux iproute2 libacl1-dev acl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,4 +15,11 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "deps: cargo is not installed; install the Rust toolchain (https://rustup.rs) and run again" >&2
   exit 1
+fi
+# pjdfstest (the POSIX filesystem conformance suite, Rust edition) runs against a real qtfs
+# mount in tests/qtfs_pair.rs; it is built once into cargo's bin directory.
+PJD_VERSION=0.2.2
+if ! command -v pjdfstest >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest" ]; then
+  echo "deps: building pjdfstest $PJD_VERSION (cargo install, a few minutes once)"
+  cargo install --quiet --locked --version "$PJD_VERSION" pjdfstest
 fi

@@ -388,3 +388,96 @@ fn an_fstab_line_mounts_with_plain_mount() {
         "the fstab entry became a qtfs FUSE mount: {stdout}"
     );
 }
+
+/// The pjdfstest binary: `$PJDFSTEST`, `pjdfstest` on PATH, or cargo's bin directory.
+fn pjdfstest() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("PJDFSTEST") {
+        return Some(p.into());
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin/pjdfstest"));
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("pjdfstest"))
+        .chain(cargo_bin)
+        .find(|p| p.is_file())
+}
+
+/// pjdfstest, the third-party POSIX conformance suite, on a real mount: every test that
+/// passes on a local directory must pass through qtfs.
+#[test]
+fn pjdfstest_passes_on_the_mount_as_on_a_local_directory() {
+    require_fuse!();
+    let Some(pjd) = pjdfstest() else {
+        eprintln!(
+            "SKIPPED pjdfstest: the pjdfstest binary is missing (scripts/deps.sh builds it; or set PJDFSTEST=)"
+        );
+        return;
+    };
+    let t = setup();
+    // Users that exist on Debian/Ubuntu; pjdfstest switches to them for permission tests.
+    let config = t.scratch.write(
+        "pjdfstest.toml",
+        "[features]\nposix_fallocate = {}\nrename_ctime = {}\nutime_now = {}\nutimensat = {}\n\
+         [settings]\nnaptime = 0.01\nallow_remount = false\n\
+         [dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"]]\n",
+    );
+    let run = |dir: &str, side: &Side| {
+        let out = side.sh(&format!(
+            "mkdir -p {dir} && cd {dir} && {} -c {} -p {dir}",
+            s(&pjd),
+            s(&config)
+        ));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let results: Vec<(String, String)> = stdout
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let (name, verdict) = (words.next()?, words.last()?);
+                matches!(verdict, "ok" | "FAILED" | "skipped")
+                    .then(|| (name.to_string(), verdict.to_string()))
+            })
+            .collect();
+        (results, text(&out))
+    };
+    let local = t.scratch.path("pjd-local");
+    let (baseline, base_text) = run(s(&local), &t.host);
+    let passing: Vec<&String> = baseline
+        .iter()
+        .filter(|(_, v)| v == "ok")
+        .map(|(n, _)| n)
+        .collect();
+    assert!(passing.len() > 300, "pjdfstest on a local dir: {base_text}");
+
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/pjd && $DPUCTL mount {} /run/pjd -o {opts}",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "mount: {}", text(&out));
+    let (through, through_text) = run("/run/pjd/suite", &t.dpu);
+    let _ = t.dpu.sh("umount -l /run/pjd");
+    let failed: Vec<&String> = through
+        .iter()
+        .filter(|(n, v)| v == "FAILED" && passing.contains(&n))
+        .map(|(n, _)| n)
+        .collect();
+    let ok = through.iter().filter(|(_, v)| v == "ok").count();
+    eprintln!(
+        "pjdfstest: {} ok locally, {ok} ok through qtfs",
+        passing.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "failing through qtfs only: {failed:?}\n{through_text}"
+    );
+    // Only FUSE's unknown LINK_MAX may skip a test that runs locally.
+    assert!(
+        ok + 2 >= passing.len(),
+        "{ok} of {} ran ok: {through_text}",
+        passing.len()
+    );
+}
