@@ -411,6 +411,21 @@ fn readdir_of_ten_thousand_entries() {
     assert_eq!(names[9_999], "f09999");
 }
 
+/// Drops the kernel's dentry cache (which sends FORGETs) and waits until the engine holds at
+/// most a handful of nodes.
+fn assert_nodes_released(fx: &common::Fixture, when: &str) {
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fx.server.node_count() > 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        fx.server.node_count() <= 10,
+        "nodes still held {when}: {}",
+        fx.server.node_count()
+    );
+}
+
 /// Reads up to `n` names from an open DIR stream (`n` = usize::MAX: to the end).
 fn read_names(d: *mut libc::DIR, n: usize) -> Vec<String> {
     let mut out = Vec::new();
@@ -472,16 +487,7 @@ fn seekdir_rewinddir_and_partial_listings_stay_consistent() {
     assert_eq!(read_names(d, 10).len(), 10);
     // SAFETY: closes the stream once.
     unsafe { libc::closedir(d) };
-    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fx.server.node_count() > 10 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        fx.server.node_count() <= 10,
-        "nodes still held after an abandoned listing: {}",
-        fx.server.node_count()
-    );
+    assert_nodes_released(&fx, "after an abandoned listing");
 }
 
 #[test]
@@ -870,17 +876,7 @@ fn forgotten_nodes_and_closed_handles_are_released() {
     assert_eq!(fx.server.handle_count(), 0, "every open was released");
     let before = fx.server.node_count();
     assert!(before >= 100);
-    // Dropping the kernel's dentry cache sends FORGETs.
-    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fx.server.node_count() > 10 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        fx.server.node_count() <= 10,
-        "nodes still held: {}",
-        fx.server.node_count()
-    );
+    assert_nodes_released(&fx, "after closing every file");
 }
 
 #[test]
