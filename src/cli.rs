@@ -22,6 +22,8 @@ pub enum Tool {
     Keygen,
     Config,
     Mount,
+    Tui,
+    Demo,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -70,6 +72,8 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Keygen => keygen_main(args),
         Tool::Config => config_main(args),
         Tool::Mount => crate::fs::mount::main(args),
+        Tool::Tui => crate::tui::main(args),
+        Tool::Demo => crate::demo::main(args),
     }
 }
 
@@ -121,6 +125,10 @@ enum TopTool {
     Config(Rest),
     /// Mount a HOST directory from the engine (the mount.qtfs helper of `mount -t qtfs`)
     Mount(Rest),
+    /// Live dashboard of the local daemons: links, mounts, allowlists, sessions, logs
+    Tui(Rest),
+    /// A HOST and a DPU on this machine, with live traffic, opened in the dashboard
+    Demo(Rest),
 }
 
 impl TopTool {
@@ -135,6 +143,8 @@ impl TopTool {
             TopTool::Keygen(_) => Tool::Keygen,
             TopTool::Config(_) => Tool::Config,
             TopTool::Mount(_) => Tool::Mount,
+            TopTool::Tui(_) => Tool::Tui,
+            TopTool::Demo(_) => Tool::Demo,
         }
     }
 }

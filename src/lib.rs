@@ -9,6 +9,8 @@
 //!   ring, `dpuctl status` / `dpuctl logs`, and the `engine` and peer-link logic.
 //! - [`fs`]: qtfs, the shared filesystem: protocol, engine-side executor, FUSE client, mount helper.
 //! - [`uds`]: `udsproxyd`, the cross-host Unix socket proxy.
+//! - [`tui`]: `dpuctl tui`, the live dashboard over the control sockets.
+//! - [`demo`]: `dpuctl demo`, a HOST+DPU pair on one machine with live traffic and the dashboard.
 //! - [`config`]: the configuration file `/etc/dpuctl/config.toml`.
 //! - [`cli`]: argv\[0\] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
 
@@ -16,6 +18,8 @@ pub mod allowlist;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod fs;
+pub mod tui;
 pub mod uds;
 pub mod wire;
