@@ -599,8 +599,20 @@ async fn run(a: DemoArgs) -> Result<(), DemoError> {
     tokio::spawn(echo_server(echo, demo.traffic.clone()));
 
     if tools.rexec_server {
+        // The demo's own whitelist: exactly the programs its traffic runs (mode 0400, root,
+        // as rexec_server demands).
+        let wl = work.join("host/rexec-whitelist");
+        write(&wl, "/bin/sh\n/bin/sleep\n/usr/bin/sleep\n/usr/bin/sh\n")?;
+        std::fs::set_permissions(&wl, std::fs::Permissions::from_mode(0o400)).map_err(
+            |source| DemoError::Write {
+                path: wl.clone(),
+                source,
+            },
+        )?;
         let mut c = demo.host().command(&bin)?;
         c.arg("rexec_server")
+            .arg("--whitelist")
+            .arg(&wl)
             .env("CMD_NET_ADDR", format!("tcp://127.0.0.1:{rexec_port}"))
             .env("REXEC_LOG_FILE", "std")
             .stdout(Stdio::null())

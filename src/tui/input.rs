@@ -51,6 +51,8 @@ pub struct Binding {
     pub scope: Scope,
     pub action: Action,
     pub help: &'static str,
+    /// The footer hint of a view-specific key (one or two words).
+    pub hint: &'static str,
 }
 
 const fn b(
@@ -66,180 +68,56 @@ const fn b(
         scope,
         action,
         help,
+        hint: "",
+    }
+}
+
+const fn v(
+    keys: &'static [KeyCode],
+    label: &'static str,
+    view: View,
+    action: Action,
+    help: &'static str,
+    hint: &'static str,
+) -> Binding {
+    Binding {
+        keys,
+        label,
+        scope: Scope::Only(view),
+        action,
+        help,
+        hint,
     }
 }
 
 /// Every key of the dashboard. View-specific bindings come before global ones with the same
 /// key, so the first match wins.
+#[rustfmt::skip]
 pub const BINDINGS: &[Binding] = &[
-    b(
-        &[KeyCode::Char('a')],
-        "a",
-        Scope::Only(View::Allowlists),
-        Action::Add,
-        "add an entry: type TYPE PATH, Enter",
-    ),
-    b(
-        &[KeyCode::Char('d')],
-        "d",
-        Scope::Only(View::Allowlists),
-        Action::Delete,
-        "delete the selected entry (asks y/n)",
-    ),
-    b(
-        &[KeyCode::Left, KeyCode::Char('[')],
-        "← [",
-        Scope::Only(View::Allowlists),
-        Action::PrevDaemon,
-        "previous daemon's allowlists",
-    ),
-    b(
-        &[KeyCode::Right, KeyCode::Char(']')],
-        "→ ]",
-        Scope::Only(View::Allowlists),
-        Action::NextDaemon,
-        "next daemon's allowlists",
-    ),
-    b(
-        &[KeyCode::Char('k')],
-        "k",
-        Scope::Only(View::Uds),
-        Action::Kill,
-        "kill the selected rexec session (asks y/n)",
-    ),
-    b(
-        &[KeyCode::Char(' ')],
-        "space",
-        Scope::Only(View::Logs),
-        Action::Follow,
-        "follow / pause",
-    ),
-    b(
-        &[KeyCode::Char('l')],
-        "l",
-        Scope::Only(View::Logs),
-        Action::Level,
-        "cycle the level filter (all, error, warn, info, debug)",
-    ),
-    b(
-        &[KeyCode::Char('f')],
-        "f",
-        Scope::Only(View::Logs),
-        Action::Source,
-        "cycle the daemon filter",
-    ),
-    b(
-        &[KeyCode::Char('/')],
-        "/",
-        Scope::Only(View::Logs),
-        Action::Search,
-        "search (Enter applies, empty clears)",
-    ),
-    b(
-        &[KeyCode::Char('1')],
-        "1",
-        Scope::Global,
-        Action::Go(View::Overview),
-        "Overview: daemons, links, throughput",
-    ),
-    b(
-        &[KeyCode::Char('2')],
-        "2",
-        Scope::Global,
-        Action::Go(View::Mounts),
-        "Mounts: qtfs mounts, per-operation counters",
-    ),
-    b(
-        &[KeyCode::Char('3')],
-        "3",
-        Scope::Global,
-        Action::Go(View::Allowlists),
-        "Allowlists: view, add, delete",
-    ),
-    b(
-        &[KeyCode::Char('4')],
-        "4",
-        Scope::Global,
-        Action::Go(View::Uds),
-        "UDS/rexec: proxied sockets, rexec sessions",
-    ),
-    b(
-        &[KeyCode::Char('5')],
-        "5",
-        Scope::Global,
-        Action::Go(View::Logs),
-        "Logs: all daemons, merged",
-    ),
-    b(
-        &[KeyCode::Tab],
-        "Tab",
-        Scope::Global,
-        Action::NextView,
-        "next view",
-    ),
-    b(
-        &[KeyCode::BackTab],
-        "S-Tab",
-        Scope::Global,
-        Action::PrevView,
-        "previous view",
-    ),
-    b(
-        &[KeyCode::Up],
-        "↑",
-        Scope::Global,
-        Action::Up,
-        "select / scroll up",
-    ),
-    b(
-        &[KeyCode::Down],
-        "↓",
-        Scope::Global,
-        Action::Down,
-        "select / scroll down",
-    ),
-    b(
-        &[KeyCode::PageUp],
-        "PgUp",
-        Scope::Global,
-        Action::PageUp,
-        "page up",
-    ),
-    b(
-        &[KeyCode::PageDown],
-        "PgDn",
-        Scope::Global,
-        Action::PageDown,
-        "page down",
-    ),
-    b(
-        &[KeyCode::Home],
-        "Home",
-        Scope::Global,
-        Action::Top,
-        "first row / oldest log line",
-    ),
-    b(
-        &[KeyCode::End],
-        "End",
-        Scope::Global,
-        Action::Bottom,
-        "last row / newest log line (follow)",
-    ),
-    b(
-        &[KeyCode::Char('?')],
-        "?",
-        Scope::Global,
-        Action::Help,
-        "this help",
-    ),
-    b(
-        &[KeyCode::Char('q')],
-        "q",
-        Scope::Global,
-        Action::Quit,
-        "quit (also Ctrl-C)",
-    ),
+    v(&[KeyCode::Char('a')], "a", View::Allowlists, Action::Add, "add an entry: type TYPE PATH, Enter", "add"),
+    v(&[KeyCode::Char('d')], "d", View::Allowlists, Action::Delete, "delete the selected entry (asks y/n)", "delete"),
+    v(&[KeyCode::Left, KeyCode::Char('[')], "← [", View::Allowlists, Action::PrevDaemon, "previous daemon's allowlists", ""),
+    v(&[KeyCode::Right, KeyCode::Char(']')], "→ ]", View::Allowlists, Action::NextDaemon, "next daemon's allowlists", "daemon"),
+    v(&[KeyCode::Char('k')], "k", View::Uds, Action::Kill, "kill the selected rexec session (asks y/n)", "kill"),
+    v(&[KeyCode::Char(' ')], "space", View::Logs, Action::Follow, "follow / pause", "follow/pause"),
+    v(&[KeyCode::Char('l')], "l", View::Logs, Action::Level, "cycle the level filter (all, error, warn, info, debug)", "level"),
+    v(&[KeyCode::Char('f')], "f", View::Logs, Action::Source, "cycle the daemon filter", "daemon"),
+    v(&[KeyCode::Char('/')], "/", View::Logs, Action::Search, "search (Enter applies, empty clears)", "search"),
+    b(&[KeyCode::Char('1')], "1", Scope::Global, Action::Go(View::Overview), "Overview: daemons, links, throughput"),
+    b(&[KeyCode::Char('2')], "2", Scope::Global, Action::Go(View::Mounts), "Mounts: qtfs mounts, per-operation counters"),
+    b(&[KeyCode::Char('3')], "3", Scope::Global, Action::Go(View::Allowlists), "Allowlists: view, add, delete"),
+    b(&[KeyCode::Char('4')], "4", Scope::Global, Action::Go(View::Uds), "UDS/rexec: proxied sockets, rexec sessions"),
+    b(&[KeyCode::Char('5')], "5", Scope::Global, Action::Go(View::Logs), "Logs: all daemons, merged"),
+    b(&[KeyCode::Tab], "Tab", Scope::Global, Action::NextView, "next view"),
+    b(&[KeyCode::BackTab], "S-Tab", Scope::Global, Action::PrevView, "previous view"),
+    b(&[KeyCode::Up], "↑", Scope::Global, Action::Up, "select / scroll up"),
+    b(&[KeyCode::Down], "↓", Scope::Global, Action::Down, "select / scroll down"),
+    b(&[KeyCode::PageUp], "PgUp", Scope::Global, Action::PageUp, "page up"),
+    b(&[KeyCode::PageDown], "PgDn", Scope::Global, Action::PageDown, "page down"),
+    b(&[KeyCode::Home], "Home", Scope::Global, Action::Top, "first row / oldest log line"),
+    b(&[KeyCode::End], "End", Scope::Global, Action::Bottom, "last row / newest log line (follow)"),
+    b(&[KeyCode::Char('?')], "?", Scope::Global, Action::Help, "this help"),
+    b(&[KeyCode::Char('q')], "q", Scope::Global, Action::Quit, "quit (also Ctrl-C)"),
 ];
 
 /// Rows a page key moves.

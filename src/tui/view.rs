@@ -109,7 +109,7 @@ fn draw_tabs(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         .iter()
         .filter(|d| matches!(d.reach, Reach::Unreachable(_)))
         .count();
-    let summary = format!(" {up} up, {down} unreachable  ? help ");
+    let summary = format!(" {up} up, {down} down ");
     let [tabs_area, summary_area] = Layout::horizontal([
         Constraint::Min(10),
         Constraint::Length(summary.chars().count() as u16),
@@ -160,18 +160,11 @@ fn draw_footer(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
 fn hints(view: View) -> String {
     let mut parts: Vec<String> = BINDINGS
         .iter()
-        .filter(|b| b.scope == Scope::Only(view))
-        .map(|b| format!("{} {}", b.label, short(b.help)))
+        .filter(|b| b.scope == Scope::Only(view) && !b.hint.is_empty())
+        .map(|b| format!("{} {}", b.label, b.hint))
         .collect();
-    parts.push("Tab views".into());
-    parts.push("? help".into());
-    parts.push("q quit".into());
+    parts.extend(["Tab views".into(), "? help".into(), "q quit".into()]);
     parts.join("  ")
-}
-
-/// The first words of a help text, for the footer.
-fn short(help: &str) -> &str {
-    help.split([':', '(', ',']).next().unwrap_or(help).trim()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -222,8 +215,11 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         frame.render_widget(empty_system(state, theme), area);
         return;
     }
+    // The table takes what its rows need; the detail panel (peers, sparklines) the rest.
+    let rows_height = (state.daemons.len() as u16).saturating_add(3);
+    let table_height = rows_height.min(area.height.saturating_sub(8)).max(4);
     let [table_area, detail_area] =
-        Layout::vertical([Constraint::Min(4), Constraint::Length(8)]).areas(area);
+        Layout::vertical([Constraint::Length(table_height), Constraint::Min(0)]).areas(area);
     let wide = area.width >= WIDE;
     let mut header = vec!["side", "daemon"];
     if wide {
@@ -233,7 +229,11 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
     if wide {
         header.push("peer");
     }
-    header.extend(["link", "rtt", "uptime", "in/s", "out/s", "req/s"]);
+    header.extend(["link", "rtt"]);
+    if wide {
+        header.push("uptime");
+    }
+    header.extend(["in/s", "out/s", "req/s"]);
     let rows = state.daemons.iter().map(|d| {
         let status = d.status.as_ref();
         let live = d.is_up();
@@ -264,11 +264,13 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
                 .filter(|_| live)
                 .map_or("-".into(), fmt_us),
         ));
-        cells.push(Cell::from(
-            status
-                .filter(|_| live)
-                .map_or("-".into(), |s| fmt_secs(s.uptime_secs)),
-        ));
+        if wide {
+            cells.push(Cell::from(
+                status
+                    .filter(|_| live)
+                    .map_or("-".into(), |s| fmt_secs(s.uptime_secs)),
+            ));
+        }
         let last = |q: &std::collections::VecDeque<u64>| {
             q.back()
                 .filter(|_| live)
@@ -290,7 +292,8 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
             row
         }
     });
-    let mut widths = vec![Constraint::Length(6), Constraint::Length(14)];
+    // At 80 columns: 5+13+11+12+6+7+7+5 plus 7 spaces = 73 of the 78 inside the border.
+    let mut widths = vec![Constraint::Length(5), Constraint::Length(13)];
     if wide {
         widths.push(Constraint::Length(7));
     }
@@ -298,12 +301,13 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
     if wide {
         widths.push(Constraint::Min(16));
     }
+    widths.extend([Constraint::Length(12), Constraint::Length(6)]);
+    if wide {
+        widths.push(Constraint::Length(8));
+    }
     widths.extend([
-        Constraint::Length(12),
         Constraint::Length(7),
-        Constraint::Length(8),
-        Constraint::Length(8),
-        Constraint::Length(8),
+        Constraint::Length(7),
         Constraint::Length(5),
     ]);
     let table = Table::new(rows, widths)
@@ -355,6 +359,14 @@ fn empty_system(state: &State, theme: Theme) -> Paragraph<'static> {
 
 fn draw_detail(frame: &mut Frame, area: Rect, d: &Daemon, state: &State, theme: Theme) {
     let title = match &d.status {
+        Some(s) if d.is_up() => format!(
+            " {} (pid {}, {} {}, up {}) ",
+            d.label(),
+            s.pid,
+            s.name,
+            s.version,
+            fmt_secs(s.uptime_secs)
+        ),
         Some(s) => format!(" {} (pid {}, {} {}) ", d.label(), s.pid, s.name, s.version),
         None => format!(" {} ", d.label()),
     };
@@ -412,9 +424,9 @@ fn draw_detail(frame: &mut Frame, area: Rect, d: &Daemon, state: &State, theme: 
     }
     frame.render_widget(Paragraph::new(lines), left);
     let [a, b, c] = Layout::vertical([
-        Constraint::Length(2),
-        Constraint::Length(2),
-        Constraint::Length(2),
+        Constraint::Fill(1),
+        Constraint::Fill(1),
+        Constraint::Fill(1),
     ])
     .areas(right);
     spark(frame, a, "in", &d.rates.bytes_in, true, theme, Color::Cyan);
@@ -447,8 +459,7 @@ fn spark(
     theme: Theme,
     color: Color,
 ) {
-    let [label, graph] =
-        Layout::vertical([Constraint::Length(1), Constraint::Length(1)]).areas(area);
+    let [label, graph] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
     let now = match data.back() {
         None if !bytes => "not reported".to_owned(),
         None => "-".to_owned(),
@@ -495,6 +506,8 @@ fn draw_mounts(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         Constraint::Min(3),
     ])
     .areas(area);
+    // Below WIDE columns the options move to the operations panel's title.
+    let wide = area.width >= WIDE;
     let rows = mounts.iter().map(|d| {
         let m = d.status.as_ref().and_then(|s| s.mount.as_deref());
         let state_cell = match (&d.reach, m) {
@@ -509,35 +522,45 @@ fn draw_mounts(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
             }
             (_, None) => Cell::from("not reported").style(theme.dim()),
         };
-        Row::new(vec![
+        let mut cells = vec![
             Cell::from(d.label()),
             Cell::from(m.map_or("-".into(), |m| m.remote.clone())),
             Cell::from(m.map_or("-".into(), |m| m.local.clone())),
             state_cell,
-            Cell::from(m.map_or("-".into(), |m| m.options.clone())),
-        ])
+        ];
+        if wide {
+            cells.push(Cell::from(m.map_or("-".into(), |m| m.options.clone())));
+        }
+        Row::new(cells)
     });
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Length(16),
-            Constraint::Fill(2),
-            Constraint::Fill(2),
-            Constraint::Length(12),
-            Constraint::Fill(3),
-        ],
-    )
-    .header(Row::new(["mount", "remote (HOST)", "local", "state", "options"]).style(theme.title()))
-    .row_highlight_style(theme.selected())
-    .block(Block::bordered().title(" qtfs mounts "));
+    let mut widths = vec![
+        Constraint::Length(16),
+        Constraint::Fill(2),
+        Constraint::Fill(2),
+        Constraint::Length(12),
+    ];
+    let mut header = vec!["mount", "remote (HOST)", "local", "state"];
+    if wide {
+        widths.push(Constraint::Fill(3));
+        header.push("options");
+    }
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(theme.title()))
+        .row_highlight_style(theme.selected())
+        .block(Block::bordered().title(" qtfs mounts "));
     let mut ts = TableState::default().with_selected(Some(state.selection.mount));
     frame.render_stateful_widget(table, top, &mut ts);
 
     let Some(d) = mounts.get(state.selection.mount) else {
         return;
     };
-    let block = Block::bordered().title(format!(" operations of {} ", d.label()));
-    let Some(m) = d.status.as_ref().and_then(|s| s.mount.as_deref()) else {
+    let m = d.status.as_ref().and_then(|s| s.mount.as_deref());
+    let title = match m {
+        Some(m) if !wide => format!(" operations of {} (-o {}) ", d.label(), m.options),
+        _ => format!(" operations of {} ", d.label()),
+    };
+    let block = Block::bordered().title(title);
+    let Some(m) = m else {
         frame.render_widget(
             Paragraph::new("this mount process reports no operation figures").block(block),
             bottom,
@@ -606,7 +629,7 @@ fn draw_allowlists(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         None => Row::new(vec![
             Cell::from(t.name()),
             Cell::from(""),
-            Cell::from("(none: denied)").style(theme.dim()),
+            Cell::from("(none)").style(theme.dim()),
         ]),
     });
     let mut title = format!(
@@ -683,13 +706,13 @@ fn draw_uds(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         let table = Table::new(
             rows,
             [
-                Constraint::Length(16),
-                Constraint::Min(12),
-                Constraint::Length(9),
-                Constraint::Length(8),
-                Constraint::Length(8),
-                Constraint::Length(8),
+                Constraint::Length(15),
+                Constraint::Min(20),
                 Constraint::Length(7),
+                Constraint::Length(8),
+                Constraint::Length(6),
+                Constraint::Length(6),
+                Constraint::Length(6),
             ],
         )
         .header(
@@ -731,14 +754,14 @@ fn draw_uds(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
     let table = Table::new(
         rows,
         [
-            Constraint::Length(18),
+            Constraint::Length(17),
             Constraint::Length(4),
-            Constraint::Min(12),
+            Constraint::Min(16),
+            Constraint::Length(6),
+            Constraint::Length(6),
             Constraint::Length(7),
-            Constraint::Length(7),
-            Constraint::Length(7),
-            Constraint::Length(7),
-            Constraint::Length(7),
+            Constraint::Length(6),
+            Constraint::Length(6),
         ],
     )
     .header(
