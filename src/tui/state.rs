@@ -104,21 +104,28 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// Adds a sample of cumulative totals taken at `at_ms`. A total that went down means the
-    /// daemon restarted: the history restarts too instead of showing a bogus spike.
-    pub fn sample(&mut self, at_ms: u64, bytes_in: u64, bytes_out: u64, requests: Option<u64>) {
+    /// Adds a sample of cumulative totals taken at `at_ms`. After a restart of the daemon
+    /// (`restarted`: its uptime went down) the history starts over instead of showing a bogus
+    /// spike. A total that shrinks without a restart (a peer left and took its bytes with it)
+    /// counts as no traffic for that interval.
+    pub fn sample(
+        &mut self,
+        at_ms: u64,
+        restarted: bool,
+        bytes_in: u64,
+        bytes_out: u64,
+        requests: Option<u64>,
+    ) {
+        if restarted {
+            *self = Rates::default();
+        }
         if let Some((t0, i0, o0, r0)) = self.last {
-            let restarted = bytes_in < i0
-                || bytes_out < o0
-                || matches!((r0, requests), (Some(a), Some(b)) if b < a);
-            if restarted {
-                *self = Rates::default();
-            } else if at_ms > t0 {
+            if at_ms > t0 {
                 let per_sec = |delta: u64| delta.saturating_mul(1000) / (at_ms - t0);
-                push(&mut self.bytes_in, per_sec(bytes_in - i0));
-                push(&mut self.bytes_out, per_sec(bytes_out - o0));
+                push(&mut self.bytes_in, per_sec(bytes_in.saturating_sub(i0)));
+                push(&mut self.bytes_out, per_sec(bytes_out.saturating_sub(o0)));
                 if let (Some(a), Some(b)) = (r0, requests) {
-                    push(&mut self.requests, per_sec(b - a));
+                    push(&mut self.requests, per_sec(b.saturating_sub(a)));
                 }
             }
         }
@@ -586,8 +593,16 @@ impl State {
                         Ok(status) => {
                             let bytes_in = status.peers.iter().map(|p| p.bytes_in).sum();
                             let bytes_out = status.peers.iter().map(|p| p.bytes_out).sum();
-                            d.rates
-                                .sample(now_ms, bytes_in, bytes_out, requests_total(&status));
+                            let restarted = d.status.as_ref().is_some_and(|old| {
+                                old.pid != status.pid || old.uptime_secs > status.uptime_secs
+                            });
+                            d.rates.sample(
+                                now_ms,
+                                restarted,
+                                bytes_in,
+                                bytes_out,
+                                requests_total(&status),
+                            );
                             d.status = Some(*status);
                             Reach::Up
                         }
@@ -804,15 +819,18 @@ mod tests {
     #[test]
     fn rates_are_per_second_and_restart_with_the_daemon() {
         let mut r = Rates::default();
-        r.sample(0, 0, 0, Some(0));
-        r.sample(2_000, 2_000, 4_000, Some(10));
+        r.sample(0, false, 0, 0, Some(0));
+        r.sample(2_000, false, 2_000, 4_000, Some(10));
         assert_eq!(r.bytes_in, [1_000]);
         assert_eq!(r.bytes_out, [2_000]);
         assert_eq!(r.requests, [5]);
-        // Counters went down: the daemon restarted.
-        r.sample(3_000, 10, 10, Some(1));
+        // A peer left with its bytes: no traffic, not a negative rate.
+        r.sample(3_000, false, 1_000, 4_000, Some(10));
+        assert_eq!(r.bytes_in, [1_000, 0]);
+        // The daemon restarted: the history starts over.
+        r.sample(4_000, true, 10, 10, Some(1));
         assert!(r.bytes_in.is_empty());
-        r.sample(4_000, 110, 10, None);
+        r.sample(5_000, false, 110, 10, None);
         assert_eq!(r.bytes_in, [100]);
         assert!(r.requests.is_empty(), "no request counter, no request rate");
     }

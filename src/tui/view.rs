@@ -70,7 +70,12 @@ impl Theme {
 /// Draws the whole dashboard.
 pub fn draw(frame: &mut Frame, state: &State) {
     let theme = Theme { color: state.color };
-    let banner_height = u16::from(state.banner.is_some());
+    // The banner wraps onto a second line when it does not fit on one.
+    let width = frame.area().width.max(1) as usize;
+    let banner_height = state
+        .banner
+        .as_ref()
+        .map_or(0, |b| b.chars().count().div_ceil(width).clamp(1, 2) as u16);
     let [header, banner, body, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(banner_height),
@@ -215,11 +220,18 @@ fn draw_overview(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         frame.render_widget(empty_system(state, theme), area);
         return;
     }
-    // The table takes what its rows need; the detail panel (peers, sparklines) the rest.
-    let rows_height = (state.daemons.len() as u16).saturating_add(3);
-    let table_height = rows_height.min(area.height.saturating_sub(8)).max(4);
+    // The detail panel (peers, sparklines) gets 8 to 14 rows, the table the rest.
+    let peers = state
+        .daemons
+        .get(state.selection.daemon)
+        .and_then(|d| d.status.as_ref())
+        .map_or(0, |s| s.peers.len() as u16);
+    let detail_height = peers
+        .saturating_add(5)
+        .clamp(8, 14)
+        .min(area.height.saturating_sub(4));
     let [table_area, detail_area] =
-        Layout::vertical([Constraint::Length(table_height), Constraint::Min(0)]).areas(area);
+        Layout::vertical([Constraint::Min(4), Constraint::Length(detail_height)]).areas(area);
     let wide = area.width >= WIDE;
     let mut header = vec!["side", "daemon"];
     if wide {
