@@ -742,8 +742,13 @@ fn link_state(status: &Result<DaemonStatus, String>) -> String {
                 .peers
                 .iter()
                 .find(|p| p.role.as_deref() != Some("mount"))
-                .map(|p| format!("{:?}", p.state).to_lowercase());
-            format!("up, link {}", link.unwrap_or_else(|| "none".into()))
+                .map(|p| match p.state {
+                    PeerState::Connected => "connected",
+                    PeerState::Connecting => "connecting",
+                    PeerState::Disconnected => "disconnected",
+                    PeerState::AuthFailed => "auth_failed (key mismatch?)",
+                });
+            format!("up, link {}", link.unwrap_or("none"))
         }
     }
 }
