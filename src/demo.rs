@@ -341,18 +341,22 @@ pub fn has_tool(bin: &Path, tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// True when `program --version` runs.
+fn has_program(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn check_prerequisites() -> Result<(), DemoError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DemoError::NotRoot);
     }
     for tool in ["unshare", "nsenter"] {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if !has_program(tool) {
             return Err(DemoError::MissingTool { tool });
         }
     }
@@ -410,7 +414,17 @@ fn start_side(
         path: log.clone(),
         source,
     })?;
-    let unshare = Command::new("unshare")
+    // If the demo itself is killed outright (SIGKILL), setpriv's parent-death signal takes
+    // unshare down, and unshare's --kill-child takes the side's pid 1 and with it the whole
+    // namespace. setpriv comes with unshare (util-linux); without it, teardown relies on Drop.
+    let mut command = if has_program("setpriv") {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "unshare"]);
+        c
+    } else {
+        Command::new("unshare")
+    };
+    let unshare = command
         .args([
             "--mount",
             "--pid",
@@ -770,12 +784,12 @@ pub async fn status_line(
     let echo = if s.tools.uds_connect {
         format!("uds-connect echo {} ok/{} failed", s.echo_ok, s.echo_err)
     } else {
-        "uds-connect: not in this build".into()
+        "uds-connect: missing from this build".into()
     };
     let rexec = match (s.tools.rexec, s.tools.rexec_server) {
         (true, true) => format!("rexec {} ok/{} failed", s.rexec_ok, s.rexec_err),
-        (false, _) => "rexec: not in this build".into(),
-        (true, false) => "rexec_server: not in this build".into(),
+        (false, _) => "rexec: missing from this build".into(),
+        (true, false) => "rexec_server: missing from this build".into(),
     };
     format!(
         "demo {}s | HOST engine {} | DPU udsproxyd {} | {mount} | {echo} | {rexec}",

@@ -62,8 +62,7 @@ fn headless_demo_checks_every_component_and_cleans_up() {
     );
     let last_status = stdout
         .lines()
-        .filter(|l| l.starts_with("demo ") && l.contains(" | "))
-        .last()
+        .rfind(|l| l.starts_with("demo ") && l.contains(" | "))
         .expect("a status line");
     assert!(
         last_status.contains("HOST engine up, link connected")
@@ -75,7 +74,7 @@ fn headless_demo_checks_every_component_and_cleans_up() {
     // Tools this build lacks are named, never simulated.
     for (tool, label) in [("uds-connect", "uds-connect"), ("rexec", "rexec")] {
         let present = common::dpuctl(&[tool, "--help"]).status.success();
-        let missing = format!("{label}: not in this build");
+        let missing = format!("{label}: missing from this build");
         assert_eq!(
             !present,
             last_status.contains(&missing),

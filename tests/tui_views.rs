@@ -491,3 +491,17 @@ fn colours_mark_state_unless_disabled() {
     s.color = true;
     assert!(red_cells(&s) > 0, "an unreachable daemon is red");
 }
+
+#[test]
+fn a_long_banner_wraps_onto_a_second_line() {
+    let mut s = full_system();
+    s.banner = Some(format!(
+        "demo 8s | {} | the end",
+        "word ".repeat(20).trim_end()
+    ));
+    let text = screen(&s, 80, 24);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].starts_with("demo 8s | word"), "{text}");
+    assert!(lines[2].contains("the end"), "{text}");
+    assert!(lines[3].contains("daemons in"), "{text}");
+}

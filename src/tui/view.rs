@@ -86,7 +86,9 @@ pub fn draw(frame: &mut Frame, state: &State) {
     draw_tabs(frame, header, state, theme);
     if let Some(text) = &state.banner {
         frame.render_widget(
-            Paragraph::new(text.as_str()).style(theme.fg(Color::Cyan)),
+            Paragraph::new(text.as_str())
+                .style(theme.fg(Color::Cyan))
+                .wrap(ratatui::widgets::Wrap { trim: true }),
             banner,
         );
     }
@@ -386,7 +388,9 @@ fn draw_detail(frame: &mut Frame, area: Rect, d: &Daemon, state: &State, theme: 
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [left, right] =
-        Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(inner);
+        Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)])
+            .spacing(2)
+            .areas(inner);
     let mut lines: Vec<Line> = Vec::new();
     if let Reach::Unreachable(e) = &d.reach {
         let ago = fmt_secs(state.now_ms.saturating_sub(d.since_ms) / 1000);
