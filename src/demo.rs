@@ -17,7 +17,7 @@
 //! status line, never simulated.
 //!
 //! Teardown (q, Ctrl-C, SIGTERM, the end of `--duration`, or an error) runs in `Drop` of
-//! [`Demo`]: stop the traffic, unmount, stop the daemons (SIGTERM to each side's pid 1,
+//! `Demo`: stop the traffic, unmount, stop the daemons (SIGTERM to each side's pid 1,
 //! which takes every process of its pid namespace with it), remove the temporary directory.
 //!
 //! Concurrency: setup and teardown are sequential on the calling thread. Traffic runs as

@@ -505,3 +505,21 @@ fn a_long_banner_wraps_onto_a_second_line() {
     assert!(lines[2].contains("the end"), "{text}");
     assert!(lines[3].contains("daemons in"), "{text}");
 }
+
+#[test]
+fn tiny_terminals_do_not_break_drawing() {
+    // Below 80x24 the layout is cramped, but drawing must never panic (a resize can pass
+    // through any size).
+    let mut s = full_system();
+    s.banner = Some("demo status line".into());
+    for (w, h) in [(1, 1), (10, 3), (40, 10), (79, 23)] {
+        for view in View::ALL {
+            s.view = view;
+            for mode in [Mode::Normal, Mode::Help] {
+                s.mode = mode;
+                let text = screen(&s, w, h);
+                assert_eq!(text.lines().count(), h as usize);
+            }
+        }
+    }
+}

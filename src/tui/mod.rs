@@ -122,7 +122,7 @@ pub fn parse_dirs(values: &[String]) -> Vec<(String, PathBuf)> {
 }
 
 /// Whether colours are on: not with `--no-color`, nor when NO_COLOR is set to anything
-/// but the empty string (https://no-color.org).
+/// but the empty string (<https://no-color.org>).
 pub fn use_color(no_color_flag: bool, no_color_env: Option<OsString>) -> bool {
     !no_color_flag && no_color_env.map_or(true, |v| v.is_empty())
 }
