@@ -24,6 +24,8 @@ pub enum Tool {
     Mount,
     Rexec,
     RexecServer,
+    Tui,
+    Demo,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -76,6 +78,8 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Mount => crate::fs::mount::main(args),
         Tool::Rexec => crate::exec::client::main(args),
         Tool::RexecServer => crate::exec::server::main(args),
+        Tool::Tui => crate::tui::main(args),
+        Tool::Demo => crate::demo::main(args),
     }
 }
 
@@ -132,6 +136,10 @@ enum TopTool {
     /// Remote execution server: runs whitelisted programs for rexec clients
     #[command(name = "rexec_server")]
     RexecServer(Rest),
+    /// Live dashboard of the local daemons: links, mounts, allowlists, sessions, logs
+    Tui(Rest),
+    /// A HOST and a DPU on this machine, with live traffic, opened in the dashboard
+    Demo(Rest),
 }
 
 impl TopTool {
@@ -148,6 +156,8 @@ impl TopTool {
             TopTool::Mount(_) => Tool::Mount,
             TopTool::Rexec(_) => Tool::Rexec,
             TopTool::RexecServer(_) => Tool::RexecServer,
+            TopTool::Tui(_) => Tool::Tui,
+            TopTool::Demo(_) => Tool::Demo,
         }
     }
 }

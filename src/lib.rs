@@ -10,6 +10,8 @@
 //! - [`fs`]: qtfs, the shared filesystem: protocol, engine-side executor, FUSE client, mount helper.
 //! - [`uds`]: `udsproxyd`, the cross-host Unix socket proxy.
 //! - [`exec`]: `rexec` and `rexec_server`, remote execution with stdio, signals and exit status.
+//! - [`tui`]: `dpuctl tui`, the live dashboard over the control sockets.
+//! - [`demo`]: `dpuctl demo`, a HOST+DPU pair on one machine with live traffic and the dashboard.
 //! - [`config`]: the configuration file `/etc/dpuctl/config.toml`.
 //! - [`cli`]: argv\[0\] / subcommand dispatch and the small tools (`install`, `keygen`, `config check`).
 
@@ -18,6 +20,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod exec;
+pub mod demo;
 pub mod fs;
+pub mod tui;
 pub mod uds;
 pub mod wire;
