@@ -636,6 +636,8 @@ async fn run(a: DemoArgs) -> Result<(), DemoError> {
             source,
         })?;
         tokio::spawn(hold(child, demo.traffic.clone()));
+        // Its control socket appears once it listens: no rexec call before that.
+        wait_up(demo.host(), "rexec_server").await?;
         say(&format!("HOST rexec_server on 127.0.0.1:{rexec_port}"));
     }
 
@@ -787,7 +789,10 @@ pub async fn status_line(
         "uds-connect: missing from this build".into()
     };
     let rexec = match (s.tools.rexec, s.tools.rexec_server) {
-        (true, true) => format!("rexec {} ok/{} failed", s.rexec_ok, s.rexec_err),
+        (true, true) => match (&s.last_rexec_error, s.rexec_err) {
+            (Some(e), 1..) => format!("rexec {} ok/{} failed (last: {e})", s.rexec_ok, s.rexec_err),
+            _ => format!("rexec {} ok/{} failed", s.rexec_ok, s.rexec_err),
+        },
         (false, _) => "rexec: missing from this build".into(),
         (true, false) => "rexec_server: missing from this build".into(),
     };
