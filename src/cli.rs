@@ -22,6 +22,7 @@ pub enum Tool {
     Keygen,
     Config,
     Mount,
+    UdsConnect,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -70,6 +71,7 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Keygen => keygen_main(args),
         Tool::Config => config_main(args),
         Tool::Mount => crate::fs::mount::main(args),
+        Tool::UdsConnect => crate::uds::connect::main(args),
     }
 }
 
@@ -121,6 +123,8 @@ enum TopTool {
     Config(Rest),
     /// Mount a HOST directory from the engine (the mount.qtfs helper of `mount -t qtfs`)
     Mount(Rest),
+    /// Connect stdin/stdout to a Unix socket on the peer machine through udsproxyd
+    UdsConnect(Rest),
 }
 
 impl TopTool {
@@ -135,6 +139,7 @@ impl TopTool {
             TopTool::Keygen(_) => Tool::Keygen,
             TopTool::Config(_) => Tool::Config,
             TopTool::Mount(_) => Tool::Mount,
+            TopTool::UdsConnect(_) => Tool::UdsConnect,
         }
     }
 }

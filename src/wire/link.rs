@@ -1285,8 +1285,9 @@ fn handle_stream_frame(
             };
             match waiter {
                 Some(tx) => {
-                    if tx.send(result).is_err() && !refused {
-                        // The opener gave up between our check and now.
+                    // The opener may have given up between our check and now.
+                    let gone = tx.send(result).is_err();
+                    if gone && !refused {
                         reset_stream(
                             inner,
                             Origin::Local,
