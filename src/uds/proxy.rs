@@ -406,8 +406,9 @@ impl UdsProxy {
                 nix::sys::socket::AddressFamily::Unix,
                 nix::sys::socket::SockType::SeqPacket,
                 None,
-                nix::sys::socket::SockFlag::SOCK_NONBLOCK
-                    | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                // Blocking: the client expects the blocking socket a connect gives; ours is
+                // made non-blocking below (the two ends have separate file descriptions).
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
             );
             let (ours, theirs) = match pair {
                 Ok(p) => p,
@@ -423,7 +424,7 @@ impl UdsProxy {
             }
             drop(theirs);
             drop(sock);
-            match async_fd(ours) {
+            match set_nonblocking(&ours).and_then(|()| async_fd(ours)) {
                 Ok(fd) => pump_packets(fd, SockType::Seqpacket, r, w, &conn).await,
                 Err(e) => Err(RemoteError::from(e)),
             }
@@ -607,6 +608,13 @@ async fn connect_packet(kind: SockType, path: &Path) -> io::Result<AsyncFd<Owned
         }
     }
     async_fd(fd)
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 /// Registers a socket with the reactor.
