@@ -41,7 +41,7 @@ pub enum Kind {
     Cancel,
     /// The sender is closing the link; payload is a UTF-8 reason.
     Goaway,
-    /// The range 0x10..=0x1f belongs to multiplexed byte streams (docs/protocol.md §6):
+    /// The range 0x10..=0x1f belongs to multiplexed byte streams (docs/protocol.md §5.1):
     /// 0x10 open, 0x11 accept, 0x12 refuse, 0x13 data, 0x14 credit, 0x15 fin, 0x16 reset
     /// (see the `STREAM_*` constants); 0x17..=0x1f stay reserved and a link refuses them.
     Stream(u8),

@@ -22,7 +22,7 @@
 //! A link lives until [`Link::close`], the peer leaving, or a protocol error; dropping every
 //! handle does not close it (a server usually keeps none and just serves).
 //!
-//! **Streams** (docs/protocol.md §6): either side opens a byte stream with
+//! **Streams** (docs/protocol.md §5.1): either side opens a byte stream with
 //! [`Link::open_stream`]; the peer's [`Service::open_stream`] accepts or refuses it. Each
 //! direction of a stream has credit-based flow control: a sender may have at most
 //! `stream_window` bytes unacknowledged, and the receiver grants credit back only as its
@@ -1032,7 +1032,7 @@ async fn keepalive(inner: Arc<Inner>) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Streams (docs/protocol.md §6).
+// Streams (docs/protocol.md §5.1).
 
 /// Which side opened a stream. Each side numbers the streams it opens, so the pair
 /// (origin, id) names a stream; frames carry the origin in `op` (see [`STREAM_FROM_ACCEPTOR`]).
