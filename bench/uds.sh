@@ -21,6 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SHARED=${SHARED:-$ROOT/../shared/bench}
+[ -x "$SHARED/run_all.sh" ] || SHARED=$ROOT/../../shared/bench   # from a worktree
 [ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (mount namespace for the HOST side)" >&2; exit 1; }
 SECTIONS=${*:-uds}

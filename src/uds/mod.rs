@@ -104,7 +104,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
+    // The original <thread num> sizes the runtime: the proxy is I/O-bound, and on a small
+    // DPU fewer threads mean fewer cross-thread wake-ups per proxied message.
+    let threads = worker_threads(&a);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -115,6 +119,20 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => crate::cli::fail("udsproxyd", &e),
     }
+}
+
+/// Runtime worker threads: `--threads`, else the positional `<thread num>`, else the config
+/// file's `threads` (clamped to 1..=64; a bad value is reported later by the full parse).
+fn worker_threads(a: &UdsArgs) -> usize {
+    let from_args = a
+        .threads
+        .or_else(|| a.positional.first().and_then(|t| t.parse().ok()));
+    let n = from_args.unwrap_or_else(|| {
+        runner::resolve(&a.common.to_args())
+            .map(|(c, _)| c.udsproxyd.threads)
+            .unwrap_or(1)
+    });
+    n.clamp(1, 64)
 }
 
 async fn run_main(a: UdsArgs) -> Result<(), StartError> {
