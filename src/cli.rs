@@ -26,6 +26,7 @@ pub enum Tool {
     RexecServer,
     Tui,
     Demo,
+    UdsConnect,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -80,6 +81,7 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::RexecServer => crate::exec::server::main(args),
         Tool::Tui => crate::tui::main(args),
         Tool::Demo => crate::demo::main(args),
+        Tool::UdsConnect => crate::uds::connect::main(args),
     }
 }
 
@@ -140,6 +142,8 @@ enum TopTool {
     Tui(Rest),
     /// A HOST and a DPU on this machine, with live traffic, opened in the dashboard
     Demo(Rest),
+    /// Connect stdin/stdout to a Unix socket on the peer machine through udsproxyd
+    UdsConnect(Rest),
 }
 
 impl TopTool {
@@ -158,6 +162,7 @@ impl TopTool {
             TopTool::RexecServer(_) => Tool::RexecServer,
             TopTool::Tui(_) => Tool::Tui,
             TopTool::Demo(_) => Tool::Demo,
+            TopTool::UdsConnect(_) => Tool::UdsConnect,
         }
     }
 }

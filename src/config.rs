@@ -91,8 +91,24 @@ pub struct UdsproxydConfig {
     pub peer: String,
     /// Worker pool size.
     pub threads: usize,
-    /// Local clients ask for remote connections on this Unix socket.
+    /// Local clients ask for remote connections on this Unix socket; empty means
+    /// `<run_dir>/remote_uds.sock` (`/var/run/qtfs/remote_uds.sock` by default). The engine's
+    /// built-in peer uses it too.
     pub request_socket: PathBuf,
+    /// Permission bits of the request socket (default 0o600: only root may ask for remote
+    /// connections, since the far side connects as its daemon, usually root).
+    pub request_socket_mode: u32,
+}
+
+impl UdsproxydConfig {
+    /// The request socket path, given the daemon's run directory.
+    pub fn request_socket_path(&self, run_dir: &Path) -> PathBuf {
+        if self.request_socket.as_os_str().is_empty() {
+            run_dir.join("remote_uds.sock")
+        } else {
+            self.request_socket.clone()
+        }
+    }
 }
 
 impl Default for UdsproxydConfig {
@@ -101,7 +117,8 @@ impl Default for UdsproxydConfig {
             listen: "tcp://0.0.0.0:12121".to_string(),
             peer: String::new(),
             threads: 1,
-            request_socket: PathBuf::from("/var/run/qtfs/remote_uds.sock"),
+            request_socket: PathBuf::new(),
+            request_socket_mode: 0o600,
         }
     }
 }
@@ -222,10 +239,18 @@ impl Config {
                     .to_string(),
             );
         }
-        if !self.udsproxyd.request_socket.is_absolute() {
+        if !self.udsproxyd.request_socket.as_os_str().is_empty()
+            && !self.udsproxyd.request_socket.is_absolute()
+        {
             problems.push(format!(
-                "udsproxyd.request_socket = {:?}: must be an absolute path",
+                "udsproxyd.request_socket = {:?}: must be an absolute path (or empty for <run_dir>/remote_uds.sock)",
                 self.udsproxyd.request_socket
+            ));
+        }
+        if self.udsproxyd.request_socket_mode > 0o777 {
+            problems.push(format!(
+                "udsproxyd.request_socket_mode = {:#o}: give permission bits only, e.g. 0o600 or 0o660",
+                self.udsproxyd.request_socket_mode
             ));
         }
         problems

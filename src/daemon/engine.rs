@@ -1,9 +1,13 @@
 //! `engine`: the HOST-side server. It serves qtfs clients on its file-service address and runs
 //! the built-in udsproxyd peer, so the HOST needs no separate udsproxyd.
 //!
-//! Concurrency: the file-service accept loop and the peer manager run as tasks until the
-//! daemon's shutdown token is cancelled; each client link is tracked in `Clients` until it
-//! closes, so `status` lists exactly the live ones.
+//! The built-in peer is the same proxy as `udsproxyd` ([`crate::uds::proxy::UdsProxy`]):
+//! it serves the DPU's connects to HOST sockets, and HOST clients reach DPU sockets through
+//! its request socket (`[udsproxyd] request_socket`).
+//!
+//! Concurrency: the file-service accept loop, the peer manager and the request-socket server
+//! run as tasks until the daemon's shutdown token is cancelled; each client link is tracked
+//! in `Clients` until it closes, so `status` lists exactly the live ones.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -21,6 +25,7 @@ use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
 use crate::daemon::status::{PeerState, PeerStatus};
 use crate::fs::link::FsService;
 use crate::fs::server::FsPool;
+use crate::uds::proxy::{self, UdsProxy};
 use crate::wire::{self, Addr, Hello, Link, LinkOptions, Role};
 
 /// The original file-service port (the qtfs kernel module's default).
@@ -215,6 +220,12 @@ pub struct Engine {
     uds_listener: Mutex<Option<wire::Listener>>,
     uds_addr: Option<String>,
     peer: Option<PeerManager>,
+    /// The built-in udsproxyd peer's proxy (with `peer`).
+    uds: Option<Arc<UdsProxy>>,
+    /// Its request socket, until `spawn` serves it; `None` when it could not be bound.
+    uds_requests: Mutex<Option<(tokio::net::UnixListener, PathBuf)>>,
+    /// `unix://` + the request socket path, for status.
+    uds_request_addr: Option<String>,
     clients: Arc<Clients>,
     auth: wire::Auth,
     hello: Hello,
@@ -258,7 +269,9 @@ impl Engine {
         let uds_addr = uds_listener.as_ref().map(|l| l.local_addr().to_string());
         let hello = Hello::new(Role::Engine);
         let opts = LinkOptions::default();
-        let peer = (uds_listener.is_some() || uds_peer.is_some()).then(|| {
+        let uds = (uds_listener.is_some() || uds_peer.is_some())
+            .then(|| UdsProxy::new(daemon.allowlist.clone()));
+        let peer = uds.as_ref().map(|uds| {
             let mut peer_opts = opts.clone();
             peer_opts.max_in_flight = e.uds_threads.max(1) * 64;
             PeerManager::new(
@@ -266,10 +279,25 @@ impl Engine {
                 auth.clone(),
                 uds_peer,
                 uds_addr.clone(),
-                Arc::new(wire::NoService),
+                uds.clone(),
                 peer_opts,
             )
         });
+        // The request socket is a convenience for HOST clients: the engine's main job is the
+        // file service, so a path already served elsewhere costs a warning, not the start.
+        let uds_requests = match &uds {
+            Some(_) => {
+                let path = config.udsproxyd.request_socket_path(&config.common.run_dir);
+                match proxy::bind_request_socket(&path, config.udsproxyd.request_socket_mode) {
+                    Ok(l) => Some((l, path)),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the built-in udsproxyd peer serves no request socket: HOST clients cannot reach DPU sockets");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         tracing::info!(listen = %fs_bound, uds_listen = ?uds_addr, "engine listening");
         Ok(Arc::new(Engine {
             fs_listener: Mutex::new(Some(fs_listener)),
@@ -277,6 +305,11 @@ impl Engine {
             uds_listener: Mutex::new(uds_listener),
             uds_addr,
             peer,
+            uds,
+            uds_request_addr: uds_requests
+                .as_ref()
+                .map(|(_, p)| format!("unix://{}", p.display())),
+            uds_requests: Mutex::new(uds_requests),
             clients: Arc::new(Clients::default()),
             auth,
             hello,
@@ -326,6 +359,18 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
+            let requests = self
+                .uds_requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let (Some(uds), Some((requests, path))) = (&self.uds, requests) {
+                let (uds, peer, shutdown) = (uds.clone(), peer.clone(), shutdown.clone());
+                tasks.push(tokio::spawn(async move {
+                    uds.serve_requests(requests, peer, shutdown).await;
+                    let _ = std::fs::remove_file(path);
+                }));
+            }
             let peer = peer.clone();
             tasks.push(tokio::spawn(
                 async move { peer.run(listener, shutdown).await },
@@ -339,6 +384,7 @@ impl StatusSource for Engine {
     fn listen(&self) -> Vec<String> {
         let mut v = vec![self.fs_addr.clone()];
         v.extend(self.uds_addr.clone());
+        v.extend(self.uds_request_addr.clone());
         v
     }
 
@@ -349,13 +395,24 @@ impl StatusSource for Engine {
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
-        BTreeMap::from([
+        let mut c = BTreeMap::from([
             ("clients".to_string(), self.clients.len() as u64),
             (
                 "handshakes_refused".to_string(),
                 self.rejected.load(Ordering::Relaxed),
             ),
-        ])
+        ]);
+        if let Some(uds) = &self.uds {
+            c.extend(uds.registry().counters());
+        }
+        c
+    }
+
+    fn connections(&self) -> Vec<crate::daemon::status::ConnectionStatus> {
+        self.uds
+            .as_ref()
+            .map(|u| u.registry().connections())
+            .unwrap_or_default()
     }
 }
 

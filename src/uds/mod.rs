@@ -1,12 +1,22 @@
-//! `udsproxyd`: the cross-host Unix domain socket proxy peer.
+//! `udsproxyd`: the cross-host Unix domain socket proxy peer, and `dpuctl uds-connect`.
 //!
 //! Two peers (a DPU's udsproxyd and the HOST's engine, or two udsproxyd) keep one
-//! authenticated link between them through [`PeerManager`]; either may start first.
+//! authenticated link between them through [`PeerManager`]; either may start first. Local
+//! clients ask for remote connections on the request socket; each proxied connection is one
+//! flow-controlled stream on the link ([`proxy`]; formats in [`proto`]; docs/udsproxyd.md).
+//! - [`proxy`]: the proxy shared with the engine's built-in peer.
+//! - [`proto`]: request, reply and record formats.
+//! - [`connect`]: `dpuctl uds-connect`, stdin/stdout bridged to a remote socket.
 //!
-//! Concurrency: the peer manager runs as one task until the daemon's shutdown token fires.
+//! Concurrency: the peer manager and the request-socket server run as tasks until the
+//! daemon's shutdown token fires; each proxied connection is one task (see [`proxy`]).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
+
+pub mod connect;
+pub mod proto;
+pub mod proxy;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
@@ -17,6 +27,7 @@ use crate::daemon::peer::PeerManager;
 use crate::daemon::runner::{self, Daemon, StartError, StatusSource};
 use crate::daemon::status::PeerStatus;
 use crate::wire::{self, Addr, Hello, LinkOptions, Role};
+use proxy::UdsProxy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,7 +104,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
+    // The original <thread num> sizes the runtime: the proxy is I/O-bound, and on a small
+    // DPU fewer threads mean fewer cross-thread wake-ups per proxied message.
+    let threads = worker_threads(&a);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -104,6 +119,20 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => crate::cli::fail("udsproxyd", &e),
     }
+}
+
+/// Runtime worker threads: `--threads`, else the positional `<thread num>`, else the config
+/// file's `threads` (clamped to 1..=64; a bad value is reported later by the full parse).
+fn worker_threads(a: &UdsArgs) -> usize {
+    let from_args = a
+        .threads
+        .or_else(|| a.positional.first().and_then(|t| t.parse().ok()));
+    let n = from_args.unwrap_or_else(|| {
+        runner::resolve(&a.common.to_args())
+            .map(|(c, _)| c.udsproxyd.threads)
+            .unwrap_or(1)
+    });
+    n.clamp(1, 64)
 }
 
 async fn run_main(a: UdsArgs) -> Result<(), StartError> {
@@ -129,31 +158,42 @@ async fn run_main(a: UdsArgs) -> Result<(), StartError> {
         max_in_flight: u.threads.max(1) * 64,
         ..LinkOptions::default()
     };
+    let uds = UdsProxy::new(daemon.allowlist.clone());
     let peer = PeerManager::new(
         hello,
         auth,
         peer_addr,
         listen_addr.clone(),
-        Arc::new(wire::NoService),
+        uds.clone(),
         opts,
     );
-    let proxy = Arc::new(Proxy {
+    let request_path = u.request_socket_path(&config.common.run_dir);
+    let requests = proxy::bind_request_socket(&request_path, u.request_socket_mode)
+        .map_err(|e| StartError::Usage(e.to_string()))?;
+    let mut listening: Vec<String> = listen_addr.into_iter().collect();
+    listening.push(format!("unix://{}", request_path.display()));
+    let status = Arc::new(Proxy {
         peer: peer.clone(),
-        listen: Mutex::new(listen_addr.into_iter().collect()),
+        listen: Mutex::new(listening),
+        uds: uds.clone(),
     });
-    daemon.set_status_source(proxy);
-    tracing::info!(listen = ?listen.map(|a| a.to_string()), peer = %u.peer, "udsproxyd starting");
+    daemon.set_status_source(status);
+    tracing::info!(listen = ?listen.map(|a| a.to_string()), peer = %u.peer, request_socket = %request_path.display(), "udsproxyd starting");
     daemon.ready();
     let shutdown = daemon.shutdown.clone();
+    let serving = tokio::spawn(uds.serve_requests(requests, peer.clone(), shutdown.clone()));
     let task = tokio::spawn(async move { peer.run(listener, shutdown).await });
     daemon.serve_until_shutdown(reloads).await;
     let _ = task.await;
+    let _ = serving.await;
+    let _ = std::fs::remove_file(&request_path);
     Ok(())
 }
 
 struct Proxy {
     peer: PeerManager,
     listen: Mutex<Vec<String>>,
+    uds: Arc<UdsProxy>,
 }
 
 impl StatusSource for Proxy {
@@ -165,6 +205,12 @@ impl StatusSource for Proxy {
     }
     fn peers(&self) -> Vec<PeerStatus> {
         vec![self.peer.status()]
+    }
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        self.uds.registry().counters()
+    }
+    fn connections(&self) -> Vec<crate::daemon::status::ConnectionStatus> {
+        self.uds.registry().connections()
     }
 }
 

@@ -41,10 +41,30 @@ pub enum Kind {
     Cancel,
     /// The sender is closing the link; payload is a UTF-8 reason.
     Goaway,
-    /// Reserved range 0x10..=0x1f for byte streams (open / data / window / close). Decoded so
-    /// a future version can use them; this version's link refuses them as a protocol error.
+    /// The range 0x10..=0x1f belongs to multiplexed byte streams (docs/protocol.md §5.1):
+    /// 0x10 open, 0x11 accept, 0x12 refuse, 0x13 data, 0x14 credit, 0x15 fin, 0x16 reset
+    /// (see the `STREAM_*` constants); 0x17..=0x1f stay reserved and a link refuses them.
     Stream(u8),
 }
+
+/// Stream frame: open a stream (`id` chosen by the opener, `op` selects the service,
+/// payload is the service's open request).
+pub const STREAM_OPEN: u8 = 0x10;
+/// Stream frame: the acceptor took the stream; payload is the service's answer.
+pub const STREAM_ACCEPT: u8 = 0x11;
+/// Stream frame: the acceptor refused the stream; payload as an `Error` payload.
+pub const STREAM_REFUSE: u8 = 0x12;
+/// Stream frame: bytes, counted against the receiver's credit.
+pub const STREAM_DATA: u8 = 0x13;
+/// Stream frame: the receiver consumed bytes; payload is a u32 of new credit.
+pub const STREAM_CREDIT: u8 = 0x14;
+/// Stream frame: the sender will send no more data (half-close).
+pub const STREAM_FIN: u8 = 0x15;
+/// Stream frame: abort both directions; payload as an `Error` payload.
+pub const STREAM_RESET: u8 = 0x16;
+/// `op` of stream frames other than open: 0 when the sender opened the stream, this when the
+/// sender is the side that accepted it (each side numbers the streams it opens itself).
+pub const STREAM_FROM_ACCEPTOR: u16 = 1;
 
 impl Kind {
     /// The byte on the wire.
@@ -173,6 +193,19 @@ impl Frame {
     }
 }
 
+/// Encodes a stream credit payload (u32 big-endian).
+pub fn encode_credit(bytes: u32) -> Bytes {
+    Bytes::copy_from_slice(&bytes.to_be_bytes())
+}
+
+/// Decodes a stream credit payload.
+pub fn decode_credit(payload: &[u8]) -> Result<u32, FrameError> {
+    let b: [u8; 4] = payload
+        .try_into()
+        .map_err(|_| FrameError::BadCreditPayload(payload.len()))?;
+    Ok(u32::from_be_bytes(b))
+}
+
 /// Encodes an `Error` payload: i32 errno big-endian, then the UTF-8 message (cut to
 /// [`MAX_ERROR_MESSAGE`] bytes at a char boundary).
 pub fn encode_error(errno: i32, message: &str) -> Bytes {
@@ -217,6 +250,9 @@ pub enum FrameError {
     /// An `Error` payload shorter than its errno.
     #[error("error frame payload of {0} bytes is shorter than its 4-byte errno")]
     BadErrorPayload(usize),
+    /// A stream credit payload that is not exactly 4 bytes.
+    #[error("stream credit payload of {0} bytes is not the 4-byte count it must be")]
+    BadCreditPayload(usize),
     /// The stream ended inside a frame.
     #[error("connection ended inside a frame ({have} of {need} bytes received)")]
     Truncated {
@@ -331,6 +367,24 @@ mod tests {
         assert_eq!(&e[..], b"\x00\x00\x00\x0ddenied");
         assert_eq!(decode_error(&e).unwrap(), (13, "denied".to_string()));
         assert_eq!(&encode_error(-1, "")[..], &[0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&encode_credit(0x0102_0304)[..], &[1, 2, 3, 4]);
+        assert_eq!(decode_credit(&[0, 8, 0, 0]).unwrap(), 512 * 1024);
+        assert!(matches!(
+            decode_credit(&[1, 2, 3]),
+            Err(FrameError::BadCreditPayload(3))
+        ));
+        let mut b = BytesMut::new();
+        Frame::new(
+            Kind::Stream(STREAM_DATA),
+            STREAM_FROM_ACCEPTOR,
+            7,
+            Bytes::from_static(b"x"),
+        )
+        .encode(&mut b);
+        assert_eq!(
+            &b[..],
+            &[0, 0, 0, 1, 0x13, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, b'x']
+        );
     }
 
     #[test]

@@ -21,6 +21,17 @@
 //!
 //! A link lives until [`Link::close`], the peer leaving, or a protocol error; dropping every
 //! handle does not close it (a server usually keeps none and just serves).
+//!
+//! **Streams** (docs/protocol.md §5.1): either side opens a byte stream with
+//! [`Link::open_stream`]; the peer's [`Service::open_stream`] accepts or refuses it. Each
+//! direction of a stream has credit-based flow control: a sender may have at most
+//! `stream_window` bytes unacknowledged, and the receiver grants credit back only as its
+//! consumer takes the bytes ([`StreamReader::recv`]). So the reader task never waits for a
+//! stream (a stalled consumer cannot stall the other streams) and a link buffers at most
+//! `stream_window` bytes per stream. Control frames (accept, refuse, credit, reset) travel on
+//! an unbounded priority queue that the writer drains before every data frame: their number
+//! is bounded by the streams and the data received, and credit must never wait behind the
+//! data it unblocks. Data and fin share the bounded queue, which keeps them in order.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -43,8 +54,9 @@ use tokio_util::task::TaskTracker;
 
 use super::addr::{Addr, Listener, Stream};
 use super::frame::{
-    decode_error, encode_error, Frame, FrameDecoder, Kind, DEFAULT_MAX_FRAME, HEADER_LEN,
-    MAX_FRAME_HARD, MIN_FRAME,
+    decode_credit, decode_error, encode_credit, encode_error, Frame, FrameDecoder, Kind,
+    DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_HARD, MIN_FRAME, STREAM_ACCEPT, STREAM_CREDIT,
+    STREAM_DATA, STREAM_FIN, STREAM_FROM_ACCEPTOR, STREAM_OPEN, STREAM_REFUSE, STREAM_RESET,
 };
 use super::handshake::{self, Auth, HandshakeError, Hello, PeerInfo};
 
@@ -53,8 +65,13 @@ use super::handshake::{self, Auth, HandshakeError, Hello, PeerInfo};
 const OUT_QUEUE: usize = 1024;
 /// Frames written per flush at most: bounds latency for the first frame of a long burst.
 const MAX_BATCH: usize = 256;
-/// Socket read granularity.
-const READ_BUF: usize = 64 * 1024;
+/// Socket read granularity: large, so a bulk stream needs few reads.
+const READ_BUF: usize = 256 * 1024;
+/// Largest data frame a stream writer sends: keeps one stream's burst from delaying the
+/// other streams' frames for long.
+const STREAM_CHUNK: usize = 256 * 1024;
+/// Smallest accepted `stream_window`.
+const MIN_STREAM_WINDOW: usize = 16 * 1024;
 /// BufWriter capacity: payloads at least this large bypass the buffer (no copy).
 const WRITE_BUF: usize = 64 * 1024;
 /// How long a closing side tries to deliver its Goaway.
@@ -72,6 +89,17 @@ pub trait Service: Send + Sync + 'static {
     /// Handles one request. The returned future runs in its own task; dropping it (the
     /// caller cancelled, or the link closed) must be harmless.
     fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, RemoteError>>;
+
+    /// The peer opens a stream. Called on the link's reader task, so it must not block:
+    /// spawn a task that ends in [`IncomingStream::accept`] or [`IncomingStream::refuse`].
+    /// Dropping `stream` unanswered refuses it. The default refuses every stream.
+    fn open_stream(&self, op: u16, payload: Bytes, stream: IncomingStream) {
+        let _ = payload;
+        stream.refuse(RemoteError::new(
+            libc::ENOSYS,
+            format!("streams (op {op}) are not served on this link"),
+        ));
+    }
 }
 
 /// A service that serves nothing: every op fails with `ENOSYS`.
@@ -221,6 +249,12 @@ pub struct LinkOptions {
     pub handshake_timeout: Duration,
     /// Per-call deadline (default none: FUSE and exec calls may legitimately block long).
     pub call_timeout: Option<Duration>,
+    /// Bytes a stream sender may have unacknowledged per direction (default 512 KiB): the
+    /// most a link buffers for one stream whose consumer stalls.
+    pub stream_window: usize,
+    /// Streams open at once per link (default 16384); the peer's opens beyond it are refused
+    /// with EAGAIN.
+    pub max_streams: usize,
 }
 
 impl Default for LinkOptions {
@@ -233,6 +267,8 @@ impl Default for LinkOptions {
             frame_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             call_timeout: None,
+            stream_window: 512 * 1024,
+            max_streams: 16384,
         }
     }
 }
@@ -249,6 +285,10 @@ impl LinkOptions {
             frame_timeout: self.frame_timeout.max(MIN_TIMER),
             handshake_timeout: self.handshake_timeout.max(MIN_TIMER),
             call_timeout: self.call_timeout.map(|t| t.max(MIN_TIMER)),
+            stream_window: self
+                .stream_window
+                .clamp(MIN_STREAM_WINDOW, u32::MAX as usize),
+            max_streams: self.max_streams.max(1),
         }
     }
 
@@ -315,6 +355,11 @@ struct Inner {
     opts: LinkOptions,
     /// Frames for the writer task.
     out: mpsc::Sender<Frame>,
+    /// Control frames for the writer task, sent before any queued data (module docs).
+    ctrl: mpsc::UnboundedSender<Frame>,
+    /// Open streams; closed together with `state` by `close`.
+    streams: Mutex<Streams>,
+    next_stream: AtomicU64,
     /// Pending outgoing calls and pings, and the close reason: one lock so registering a
     /// call and closing the link are ordered (no call can hang after the close).
     state: Mutex<State>,
@@ -380,6 +425,25 @@ impl Inner {
         };
         for (_, tx) in pending {
             let _ = tx.send(Err(CallError::Closed(reason.clone())));
+        }
+        let (opening, slots) = {
+            let mut guard = lock(&self.streams);
+            let st = &mut *guard;
+            st.closed = Some(reason.clone());
+            let slots: Vec<StreamSlot> = st
+                .local
+                .drain()
+                .chain(st.remote.drain())
+                .map(|(_, s)| s)
+                .collect();
+            (std::mem::take(&mut st.opening), slots)
+        };
+        for (_, tx) in opening {
+            let _ = tx.send(Err(CallError::Closed(reason.clone())));
+        }
+        let lost = RemoteError::new(libc::ECONNRESET, format!("link closed: {reason}"));
+        for slot in slots {
+            slot.abort(&lost);
         }
         let handlers: Vec<AbortHandle> = lock(&self.serving).drain().map(|(_, h)| h).collect();
         for h in handlers {
@@ -507,10 +571,18 @@ impl Link {
     ) -> Link {
         let opts = opts.normalized();
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+        let rx = Outgoing {
+            data: rx,
+            ctrl: ctrl_rx,
+        };
         let inner = Arc::new(Inner {
             peer,
             opts,
             out: tx,
+            ctrl: ctrl_tx,
+            streams: Mutex::new(Streams::default()),
+            next_stream: AtomicU64::new(1),
             state: Mutex::new(State::default()),
             serving: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -620,7 +692,7 @@ impl Link {
     }
 }
 
-fn start<R, W>(inner: &Arc<Inner>, r: R, w: W, rx: mpsc::Receiver<Frame>, service: Arc<dyn Service>)
+fn start<R, W>(inner: &Arc<Inner>, r: R, w: W, rx: Outgoing, service: Arc<dyn Service>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -781,10 +853,7 @@ async fn handle_frame(
                 format!("the peer closed the link: {reason}"),
             ))
         }
-        Kind::Stream(k) => Err((
-            CloseKind::Fault,
-            format!("protocol error: stream frame kind 0x{k:02x} is not supported by this version"),
-        )),
+        Kind::Stream(k) => handle_stream_frame(inner, k, frame, service),
     }
 }
 
@@ -850,7 +919,32 @@ fn panic_error(op: u16) -> RemoteError {
     )
 }
 
-async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, w: W, mut rx: mpsc::Receiver<Frame>) {
+/// The writer's two queues.
+struct Outgoing {
+    data: mpsc::Receiver<Frame>,
+    ctrl: mpsc::UnboundedReceiver<Frame>,
+}
+
+impl Outgoing {
+    /// The next frame, control frames first; `None` when both queues are closed.
+    async fn recv(&mut self) -> Option<Frame> {
+        tokio::select! {
+            biased;
+            Some(f) = self.ctrl.recv() => Some(f),
+            Some(f) = self.data.recv() => Some(f),
+            else => None,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Frame> {
+        self.ctrl
+            .try_recv()
+            .ok()
+            .or_else(|| self.data.try_recv().ok())
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, w: W, mut rx: Outgoing) {
     let mut w = BufWriter::with_capacity(WRITE_BUF, w);
     // False while a frame is partly written: then no Goaway may follow it.
     let mut clean = true;
@@ -876,7 +970,7 @@ async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, w: W, mut rx: mpsc::Re
 async fn write_loop<W: AsyncWrite + Unpin>(
     inner: &Inner,
     w: &mut BufWriter<W>,
-    rx: &mut mpsc::Receiver<Frame>,
+    rx: &mut Outgoing,
     clean: &mut bool,
 ) -> Result<(), String> {
     let stall = inner.opts.dead_after;
@@ -914,8 +1008,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
             match rx.try_recv() {
-                Ok(f) => frame = f,
-                Err(_) => break,
+                Some(f) => frame = f,
+                None => break,
             }
         }
         match tokio::time::timeout(stall, w.flush()).await {
@@ -934,6 +1028,711 @@ async fn keepalive(inner: Arc<Inner>) {
         }
         // A late pong is not fatal here: liveness is judged by the reader's dead_after.
         let _ = inner.ping(inner.opts.dead_after).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams (docs/protocol.md §5.1).
+
+/// Which side opened a stream. Each side numbers the streams it opens, so the pair
+/// (origin, id) names a stream; frames carry the origin in `op` (see [`STREAM_FROM_ACCEPTOR`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This side opened it.
+    Local,
+    /// The peer opened it.
+    Remote,
+}
+
+impl Origin {
+    /// The `op` of a frame this side sends on a stream of this origin.
+    fn op(self) -> u16 {
+        match self {
+            Origin::Local => 0,
+            Origin::Remote => STREAM_FROM_ACCEPTOR,
+        }
+    }
+
+    /// The origin, from this side's view, of a stream named by a received frame's `op`.
+    fn of_received(op: u16) -> Origin {
+        if op == STREAM_FROM_ACCEPTOR {
+            Origin::Local
+        } else {
+            Origin::Remote
+        }
+    }
+}
+
+#[derive(Default)]
+struct Streams {
+    /// Streams this side opened.
+    local: HashMap<u64, StreamSlot>,
+    /// Streams the peer opened.
+    remote: HashMap<u64, StreamSlot>,
+    /// Our opens waiting for Accept or Refuse.
+    opening: HashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>,
+    /// Set by `Inner::close`: no stream may be added after it.
+    closed: Option<String>,
+}
+
+impl Streams {
+    fn map(&mut self, origin: Origin) -> &mut HashMap<u64, StreamSlot> {
+        match origin {
+            Origin::Local => &mut self.local,
+            Origin::Remote => &mut self.remote,
+        }
+    }
+}
+
+/// The link's side of one stream.
+struct StreamSlot {
+    /// To the local [`StreamReader`]; unbounded because the peer's credit bounds it.
+    events: mpsc::UnboundedSender<StreamEvent>,
+    /// What the local [`StreamWriter`] may still send.
+    credit: Arc<Credit>,
+    /// Bytes the peer may still send before it needs more credit from us.
+    recv_allowed: u64,
+    /// Fin or Reset received.
+    remote_done: bool,
+    /// Fin or Reset sent.
+    local_done: bool,
+}
+
+impl StreamSlot {
+    fn new(window: u64) -> (StreamSlot, mpsc::UnboundedReceiver<StreamEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            StreamSlot {
+                events: tx,
+                credit: Arc::new(Credit::new(window)),
+                recv_allowed: window,
+                remote_done: false,
+                local_done: false,
+            },
+            rx,
+        )
+    }
+
+    /// Ends both local halves with `e`.
+    fn abort(&self, e: &RemoteError) {
+        let _ = self.events.send(StreamEvent::Reset(e.clone()));
+        self.credit.close(e.clone());
+    }
+}
+
+enum StreamEvent {
+    Data(Bytes),
+    Fin,
+    Reset(RemoteError),
+}
+
+/// Send credit of one stream direction.
+struct Credit {
+    state: Mutex<(u64, Option<RemoteError>)>,
+    /// One writer waits at a time; `notify_one` keeps a wake-up for it if it is not waiting yet.
+    notify: tokio::sync::Notify,
+}
+
+impl Credit {
+    fn new(window: u64) -> Credit {
+        Credit {
+            state: Mutex::new((window, None)),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        lock(&self.state).0 += n;
+        self.notify.notify_one();
+    }
+
+    fn close(&self, e: RemoteError) {
+        let mut st = lock(&self.state);
+        if st.1.is_none() {
+            st.1 = Some(e);
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Takes between 1 and `max` bytes of credit, waiting while there is none.
+    async fn take(&self, max: usize) -> Result<usize, RemoteError> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut st = lock(&self.state);
+                if let Some(e) = &st.1 {
+                    return Err(e.clone());
+                }
+                if st.0 > 0 {
+                    let n = st.0.min(max as u64);
+                    st.0 -= n;
+                    // n <= max, a usize.
+                    return Ok(n as usize);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+fn closed_error(inner: &Inner) -> RemoteError {
+    RemoteError::new(
+        libc::ECONNRESET,
+        format!("link closed: {}", inner.close_reason()),
+    )
+}
+
+/// Marks our side of a stream done (Fin or Reset sent) and forgets it once both are.
+fn local_done(inner: &Inner, origin: Origin, id: u64) {
+    let mut st = lock(&inner.streams);
+    let map = st.map(origin);
+    if let Some(slot) = map.get_mut(&id) {
+        slot.local_done = true;
+        if slot.remote_done {
+            map.remove(&id);
+        }
+    }
+}
+
+/// Aborts a stream from this side: tells the peer (unless we already finished our part
+/// with a Reset), ends both local halves and forgets it.
+fn reset_stream(inner: &Inner, origin: Origin, id: u64, e: &RemoteError) {
+    let slot = lock(&inner.streams).map(origin).remove(&id);
+    if let Some(slot) = slot {
+        if !(slot.local_done && slot.remote_done) {
+            let _ = inner.ctrl.send(Frame::new(
+                Kind::Stream(STREAM_RESET),
+                origin.op(),
+                id,
+                encode_error(e.errno, &e.message),
+            ));
+        }
+        slot.abort(e);
+    }
+}
+
+fn handle_stream_frame(
+    inner: &Arc<Inner>,
+    kind: u8,
+    frame: Frame,
+    service: &Arc<dyn Service>,
+) -> Result<(), (CloseKind, String)> {
+    let fault = |what: String| (CloseKind::Fault, format!("protocol error: {what}"));
+    let id = frame.id;
+    match kind {
+        STREAM_OPEN => {
+            let window = inner.opts.stream_window as u64;
+            let (slot, rx) = StreamSlot::new(window);
+            let credit = slot.credit.clone();
+            {
+                let mut st = lock(&inner.streams);
+                if st.closed.is_some() {
+                    return Ok(());
+                }
+                if st.remote.contains_key(&id) {
+                    return Err(fault(format!("stream id {id} reopened while still open")));
+                }
+                if st.local.len() + st.remote.len() >= inner.opts.max_streams {
+                    drop(st);
+                    let _ = inner.ctrl.send(Frame::new(
+                        Kind::Stream(STREAM_REFUSE),
+                        STREAM_FROM_ACCEPTOR,
+                        id,
+                        encode_error(
+                            libc::EAGAIN,
+                            &format!(
+                                "the peer has {} streams open (max_streams): try again later",
+                                inner.opts.max_streams
+                            ),
+                        ),
+                    ));
+                    return Ok(());
+                }
+                st.remote.insert(id, slot);
+            }
+            let incoming = IncomingStream {
+                inner: inner.clone(),
+                id,
+                parts: Some((rx, credit)),
+            };
+            let op = frame.op;
+            if std::panic::catch_unwind(AssertUnwindSafe(|| {
+                service.open_stream(op, frame.payload, incoming)
+            }))
+            .is_err()
+            {
+                tracing::error!(op, "stream open handler panicked");
+            }
+            Ok(())
+        }
+        STREAM_ACCEPT | STREAM_REFUSE => {
+            let result = if kind == STREAM_ACCEPT {
+                Ok(frame.payload)
+            } else {
+                let (errno, message) =
+                    decode_error(&frame.payload).map_err(|e| fault(e.to_string()))?;
+                Err(CallError::Remote(RemoteError { errno, message }))
+            };
+            let refused = result.is_err();
+            let waiter = {
+                let mut st = lock(&inner.streams);
+                let w = st.opening.remove(&id);
+                if refused {
+                    st.local.remove(&id);
+                }
+                w
+            };
+            match waiter {
+                Some(tx) => {
+                    // The opener may have given up between our check and now.
+                    let gone = tx.send(result).is_err();
+                    if gone && !refused {
+                        reset_stream(
+                            inner,
+                            Origin::Local,
+                            id,
+                            &RemoteError::new(libc::ECANCELED, "opener gave up"),
+                        );
+                    }
+                }
+                None if !refused => {
+                    // The opener gave up before the answer came: tell the acceptor.
+                    let _ = inner.ctrl.send(Frame::new(
+                        Kind::Stream(STREAM_RESET),
+                        Origin::Local.op(),
+                        id,
+                        encode_error(libc::ECANCELED, "the opener gave up"),
+                    ));
+                }
+                None => {}
+            }
+            Ok(())
+        }
+        STREAM_DATA => {
+            let origin = Origin::of_received(frame.op);
+            let mut st = lock(&inner.streams);
+            // Unknown: a stream we reset while its data was in flight. Ignored.
+            if let Some(slot) = st.map(origin).get_mut(&id) {
+                let len = frame.payload.len() as u64;
+                if slot.remote_done {
+                    return Err(fault(format!("data on stream {id} after its fin")));
+                }
+                if len > slot.recv_allowed {
+                    return Err(fault(format!(
+                        "the peer sent {len} bytes on stream {id} with only {} bytes of credit",
+                        slot.recv_allowed
+                    )));
+                }
+                slot.recv_allowed -= len;
+                let _ = slot.events.send(StreamEvent::Data(frame.payload));
+            }
+            Ok(())
+        }
+        STREAM_CREDIT => {
+            let n = decode_credit(&frame.payload).map_err(|e| fault(e.to_string()))?;
+            let origin = Origin::of_received(frame.op);
+            if let Some(slot) = lock(&inner.streams).map(origin).get(&id) {
+                slot.credit.add(u64::from(n));
+            }
+            Ok(())
+        }
+        STREAM_FIN => {
+            let origin = Origin::of_received(frame.op);
+            let mut st = lock(&inner.streams);
+            let map = st.map(origin);
+            if let Some(slot) = map.get_mut(&id) {
+                slot.remote_done = true;
+                let _ = slot.events.send(StreamEvent::Fin);
+                if slot.local_done {
+                    map.remove(&id);
+                }
+            }
+            Ok(())
+        }
+        STREAM_RESET => {
+            let (errno, message) =
+                decode_error(&frame.payload).map_err(|e| fault(e.to_string()))?;
+            let origin = Origin::of_received(frame.op);
+            let slot = {
+                let mut st = lock(&inner.streams);
+                if origin == Origin::Local {
+                    st.opening.remove(&id);
+                }
+                st.map(origin).remove(&id)
+            };
+            if let Some(slot) = slot {
+                slot.abort(&RemoteError { errno, message });
+            }
+            Ok(())
+        }
+        k => Err(fault(format!(
+            "stream frame kind 0x{k:02x} is not assigned in this version"
+        ))),
+    }
+}
+
+/// A stream the peer opened, waiting for this side's answer. Dropping it refuses the stream.
+pub struct IncomingStream {
+    inner: Arc<Inner>,
+    id: u64,
+    parts: Option<(mpsc::UnboundedReceiver<StreamEvent>, Arc<Credit>)>,
+}
+
+impl std::fmt::Debug for IncomingStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingStream")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl IncomingStream {
+    /// Accepts the stream, sending `payload` as the answer, and returns its two halves.
+    pub fn accept(mut self, payload: Bytes) -> (StreamReader, StreamWriter) {
+        let _ = self.inner.ctrl.send(Frame::new(
+            Kind::Stream(STREAM_ACCEPT),
+            STREAM_FROM_ACCEPTOR,
+            self.id,
+            payload,
+        ));
+        let (rx, credit) = match self.parts.take() {
+            Some(p) => p,
+            // Not reachable: `parts` is only taken here and in Drop.
+            None => {
+                let (slot, rx) = StreamSlot::new(0);
+                slot.abort(&closed_error(&self.inner));
+                (rx, slot.credit)
+            }
+        };
+        halves(&self.inner, Origin::Remote, self.id, rx, credit)
+    }
+
+    /// Refuses the stream; the opener gets `e` (errno kept).
+    pub fn refuse(mut self, e: RemoteError) {
+        self.parts = None;
+        self.refuse_with(&e);
+    }
+
+    fn refuse_with(&self, e: &RemoteError) {
+        lock(&self.inner.streams).remote.remove(&self.id);
+        let _ = self.inner.ctrl.send(Frame::new(
+            Kind::Stream(STREAM_REFUSE),
+            STREAM_FROM_ACCEPTOR,
+            self.id,
+            encode_error(e.errno, &e.message),
+        ));
+    }
+}
+
+impl Drop for IncomingStream {
+    fn drop(&mut self) {
+        if self.parts.take().is_some() {
+            self.refuse_with(&RemoteError::new(
+                libc::ECONNREFUSED,
+                "the stream was not accepted",
+            ));
+        }
+    }
+}
+
+fn halves(
+    inner: &Arc<Inner>,
+    origin: Origin,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<StreamEvent>,
+    credit: Arc<Credit>,
+) -> (StreamReader, StreamWriter) {
+    let chunk = STREAM_CHUNK.min(inner.opts.max_payload());
+    (
+        StreamReader {
+            inner: inner.clone(),
+            origin,
+            id,
+            rx,
+            unacked: 0,
+            done: false,
+        },
+        StreamWriter {
+            inner: inner.clone(),
+            origin,
+            id,
+            credit,
+            chunk,
+            done: false,
+        },
+    )
+}
+
+/// The receiving half of a stream. Dropping it before the peer's fin resets the stream.
+pub struct StreamReader {
+    inner: Arc<Inner>,
+    origin: Origin,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<StreamEvent>,
+    /// Bytes handed out but not yet credited back to the peer.
+    unacked: u64,
+    /// Fin or reset seen.
+    done: bool,
+}
+
+impl std::fmt::Debug for StreamReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl StreamReader {
+    /// The next bytes; `Ok(None)` once the peer finished its side (fin), `Err` when the stream
+    /// was reset or the link closed. Taking bytes grants the peer credit for them, so call
+    /// this only when ready to pass them on.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, RemoteError> {
+        self.grant(false);
+        let ev = self.rx.recv().await;
+        self.event(ev)
+    }
+
+    /// Like [`StreamReader::recv`], without waiting: `None` when nothing is queued.
+    pub fn try_recv(&mut self) -> Option<Result<Option<Bytes>, RemoteError>> {
+        self.grant(false);
+        match self.rx.try_recv() {
+            Ok(ev) => Some(self.event(Some(ev))),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(self.event(None)),
+        }
+    }
+
+    fn event(&mut self, ev: Option<StreamEvent>) -> Result<Option<Bytes>, RemoteError> {
+        match ev {
+            Some(StreamEvent::Data(b)) => {
+                self.unacked += b.len() as u64;
+                Ok(Some(b))
+            }
+            Some(StreamEvent::Fin) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(StreamEvent::Reset(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            None if self.done => Ok(None),
+            None => {
+                self.done = true;
+                Err(closed_error(&self.inner))
+            }
+        }
+    }
+
+    /// Sends the credit handed out so far once it is worth a frame (a quarter window), or
+    /// always with `force`.
+    fn grant(&mut self, force: bool) {
+        let window = self.inner.opts.stream_window as u64;
+        if self.done || self.unacked == 0 || (!force && self.unacked < window / 4) {
+            return;
+        }
+        let n = self.unacked;
+        self.unacked = 0;
+        {
+            let mut st = lock(&self.inner.streams);
+            match st.map(self.origin).get_mut(&self.id) {
+                Some(slot) if !slot.remote_done => slot.recv_allowed += n,
+                _ => return,
+            }
+        }
+        let _ = self.inner.ctrl.send(Frame::new(
+            Kind::Stream(STREAM_CREDIT),
+            self.origin.op(),
+            self.id,
+            // n <= stream_window <= u32::MAX (normalized).
+            encode_credit(u32::try_from(n).unwrap_or(u32::MAX)),
+        ));
+    }
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        if !self.done {
+            reset_stream(
+                &self.inner,
+                self.origin,
+                self.id,
+                &RemoteError::new(libc::ECONNRESET, "the receiving side closed the connection"),
+            );
+        }
+    }
+}
+
+/// The sending half of a stream. Dropping it without [`StreamWriter::finish`] resets the
+/// stream.
+pub struct StreamWriter {
+    inner: Arc<Inner>,
+    origin: Origin,
+    id: u64,
+    credit: Arc<Credit>,
+    chunk: usize,
+    /// Fin or reset sent.
+    done: bool,
+}
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl StreamWriter {
+    /// Sends `data`, waiting for credit as needed; large buffers leave as several frames.
+    /// Fails when the stream was reset or the link closed.
+    pub async fn send(&mut self, mut data: Bytes) -> Result<(), RemoteError> {
+        while !data.is_empty() {
+            let n = self.credit.take(data.len().min(self.chunk)).await?;
+            let part = data.split_to(n);
+            let frame = Frame::new(Kind::Stream(STREAM_DATA), self.origin.op(), self.id, part);
+            if self.inner.send(frame).await.is_err() {
+                return Err(closed_error(&self.inner));
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest payload one frame of this stream carries (callers batching records use it).
+    pub fn max_chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// Ends this direction (half-close): the peer's reader sees `Ok(None)` after the data.
+    pub async fn finish(&mut self) -> Result<(), RemoteError> {
+        if self.done {
+            return Ok(());
+        }
+        let frame = Frame::new(
+            Kind::Stream(STREAM_FIN),
+            self.origin.op(),
+            self.id,
+            Bytes::new(),
+        );
+        if self.inner.send(frame).await.is_err() {
+            return Err(closed_error(&self.inner));
+        }
+        self.done = true;
+        local_done(&self.inner, self.origin, self.id);
+        Ok(())
+    }
+
+    /// Aborts the stream in both directions; the peer sees `e` (errno kept).
+    pub fn reset(mut self, e: RemoteError) {
+        self.done = true;
+        reset_stream(&self.inner, self.origin, self.id, &e);
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            reset_stream(
+                &self.inner,
+                self.origin,
+                self.id,
+                &RemoteError::new(libc::ECONNRESET, "the sending side closed the connection"),
+            );
+        }
+    }
+}
+
+/// Removes an open's bookkeeping if its future ends before the answer, and resets the
+/// stream if the peer accepts it later.
+struct OpenGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let had = {
+                let mut st = lock(&self.inner.streams);
+                st.opening.remove(&self.id);
+                st.local.remove(&self.id).is_some()
+            };
+            if had && !self.inner.closed.is_cancelled() {
+                let _ = self.inner.ctrl.send(Frame::new(
+                    Kind::Stream(STREAM_RESET),
+                    Origin::Local.op(),
+                    self.id,
+                    encode_error(libc::ECANCELED, "the opener gave up"),
+                ));
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Opens a stream served by the peer's [`Service::open_stream`] for `op`; `payload` is the
+    /// open request. Returns the peer's answer and the stream's halves, or the peer's refusal
+    /// (errno kept). Waits at most `call_timeout` when one is set.
+    pub async fn open_stream(
+        &self,
+        op: u16,
+        payload: Bytes,
+    ) -> Result<(Bytes, StreamReader, StreamWriter), CallError> {
+        let inner = &self.inner;
+        let max = inner.opts.max_payload();
+        if payload.len() > max {
+            return Err(CallError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let id = inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (slot, rx) = StreamSlot::new(inner.opts.stream_window as u64);
+        let credit = slot.credit.clone();
+        let (tx, answer) = oneshot::channel();
+        {
+            let mut st = lock(&inner.streams);
+            if let Some(reason) = &st.closed {
+                return Err(CallError::Closed(reason.clone()));
+            }
+            st.local.insert(id, slot);
+            st.opening.insert(id, tx);
+        }
+        let mut guard = OpenGuard {
+            inner,
+            id,
+            armed: true,
+        };
+        inner
+            .send(Frame::new(Kind::Stream(STREAM_OPEN), op, id, payload))
+            .await?;
+        let answer = match inner.opts.call_timeout {
+            Some(t) => match tokio::time::timeout(t, answer).await {
+                Ok(a) => a,
+                Err(_) => return Err(CallError::Timeout),
+            },
+            None => answer.await,
+        };
+        let accepted = match answer {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                guard.armed = false;
+                return Err(e);
+            }
+            Err(_) => return Err(CallError::Closed(inner.close_reason())),
+        };
+        guard.armed = false;
+        let (r, w) = halves(inner, Origin::Local, id, rx, credit);
+        Ok((accepted, r, w))
+    }
+
+    /// Streams currently open on this link (both directions), for leak checks and status.
+    pub fn open_streams(&self) -> usize {
+        let st = lock(&self.inner.streams);
+        st.local.len() + st.remote.len()
     }
 }
 
@@ -1154,7 +1953,38 @@ mod tests {
                 }
             })
         }
+
+        fn open_stream(&self, op: u16, _payload: Bytes, stream: IncomingStream) {
+            Svc::stream(op, stream)
+        }
     }
+
+    /// Streams: op 1 echoes (fin after the opener's fin), op 2 is refused with EACCES, op 3 is
+    /// accepted and never read (a stalled consumer), kept in `STALLED` until the test ends.
+    impl Svc {
+        fn stream(op: u16, stream: IncomingStream) {
+            match op {
+                1 => {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = stream.accept(Bytes::from_static(b"ok"));
+                        while let Ok(Some(b)) = r.recv().await {
+                            if w.send(b).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = w.finish().await;
+                    });
+                }
+                2 => stream.refuse(RemoteError::new(libc::EACCES, "not on the allowlist")),
+                _ => {
+                    let halves = stream.accept(Bytes::new());
+                    STALLED.lock().unwrap().push(halves);
+                }
+            }
+        }
+    }
+
+    static STALLED: Mutex<Vec<(StreamReader, StreamWriter)>> = Mutex::new(Vec::new());
 
     fn pair(opts: LinkOptions) -> (Link, Link, Arc<AtomicBool>) {
         let (a, b) = tokio::io::duplex(1 << 20);
@@ -1277,6 +2107,113 @@ mod tests {
         let rtt = a.ping().await.unwrap();
         assert_eq!(a.stats().rtt.map(|_| ()), Some(()));
         assert!(rtt < Duration::from_secs(1));
+    }
+
+    async fn read_all(r: &mut StreamReader) -> Result<Vec<u8>, RemoteError> {
+        let mut v = Vec::new();
+        while let Some(b) = r.recv().await? {
+            v.extend_from_slice(&b);
+        }
+        Ok(v)
+    }
+
+    #[tokio::test]
+    async fn stream_echo_with_half_close_both_ways() {
+        let opts = LinkOptions {
+            stream_window: 64 * 1024,
+            ..LinkOptions::default()
+        };
+        let (a, b, _) = pair(opts);
+        for link in [&a, &b] {
+            let (answer, mut r, mut w) = link
+                .open_stream(1, Bytes::from_static(b"hi"))
+                .await
+                .unwrap();
+            assert_eq!(&answer[..], b"ok");
+            // Much more than the window: flow control must keep it moving, bytes in order.
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                for c in sent.chunks(100_000) {
+                    w.send(Bytes::copy_from_slice(c)).await.unwrap();
+                }
+                w.finish().await.unwrap();
+            });
+            let got = read_all(&mut r).await.unwrap();
+            writer.await.unwrap();
+            assert_eq!(got.len(), data.len());
+            assert!(got == data, "bytes lost or reordered");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(a.open_streams(), 0, "finished streams are forgotten");
+        assert_eq!(b.open_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn refused_stream_keeps_errno() {
+        let (a, _b, _) = pair(LinkOptions::default());
+        match a.open_stream(2, Bytes::new()).await {
+            Err(CallError::Remote(e)) => assert_eq!(e.errno, libc::EACCES),
+            other => panic!("expected EACCES, got {:?}", other.map(|x| x.0)),
+        }
+        let (a2, _b2) = {
+            let (x, y) = tokio::io::duplex(1 << 16);
+            (
+                Link::spawn(x, peer("b"), Arc::new(NoService), LinkOptions::default()),
+                Link::spawn(y, peer("a"), Arc::new(NoService), LinkOptions::default()),
+            )
+        };
+        let e = a2.open_stream(9, Bytes::new()).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSYS, "{e}");
+        assert_eq!(a.open_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn stalled_stream_does_not_stall_others_and_stays_bounded() {
+        let window = 32 * 1024;
+        let opts = LinkOptions {
+            stream_window: window,
+            ..LinkOptions::default()
+        };
+        let (a, _b, _) = pair(opts);
+        let (_, _stalled_r, mut stalled_w) = a.open_stream(3, Bytes::new()).await.unwrap();
+        // The stalled stream takes exactly one window, then its writer waits for credit.
+        let blocked = tokio::time::timeout(
+            Duration::from_millis(300),
+            stalled_w.send(Bytes::from(vec![7u8; 4 * window])),
+        )
+        .await;
+        assert!(
+            blocked.is_err(),
+            "a writer must wait when the peer grants no credit"
+        );
+        // Other streams still flow.
+        let (_, mut r, mut w) = a.open_stream(1, Bytes::new()).await.unwrap();
+        let writer = tokio::spawn(async move {
+            w.send(Bytes::from(vec![1u8; 10 * window])).await.unwrap();
+            w.finish().await.unwrap();
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), read_all(&mut r)).await;
+        assert_eq!(got.expect("other streams flow").unwrap().len(), 10 * window);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reset_and_link_close_end_streams_with_errors() {
+        let (a, b, _) = pair(LinkOptions::default());
+        // Dropping a writer without finish resets: the echo side's reader sees an error, so
+        // its writer is dropped too and our reader sees the reset.
+        let (_, mut r, w) = a.open_stream(1, Bytes::new()).await.unwrap();
+        w.reset(RemoteError::new(libc::EPIPE, "gone"));
+        assert!(r.recv().await.is_err());
+        // A link close ends every stream's halves with ECONNRESET.
+        let (_, mut r, mut w) = a.open_stream(1, Bytes::new()).await.unwrap();
+        b.close();
+        let e = r.recv().await.unwrap_err();
+        assert_eq!(e.errno, libc::ECONNRESET, "{e}");
+        assert!(w.send(Bytes::from_static(b"x")).await.is_err());
+        assert!(a.open_stream(1, Bytes::new()).await.is_err());
+        assert_eq!(a.open_streams(), 0);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`key`]: the pre-shared key file (`dpuctl keygen`).
 //! - [`handshake`]: version negotiation and mutual HMAC-SHA256 challenge/response.
 //! - [`link`]: a multiplexed, authenticated connection: many requests in flight, each with an
-//!   id, answered out of order; keepalive pings; byte counters; [`dial`] and [`serve`].
+//!   id, answered out of order; flow-controlled byte streams; keepalive pings; byte counters;
+//!   [`dial`] and [`serve`].
 //!
 //! docs/protocol.md specifies the bytes. No other module reads or writes protocol bytes.
 //!
@@ -22,6 +23,7 @@ pub use addr::{Addr, AddrError, Listener, Stream};
 pub use handshake::{Auth, HandshakeError, Hello, PeerInfo, Role, PROTOCOL_VERSION};
 pub use key::{KeyError, Psk, DEFAULT_KEY_PATH};
 pub use link::{
-    dial, serve, serve_per_link, CallError, DialError, Link, LinkOptions, LinkStats, MakeService,
-    NoService, OnLink, OnReject, RemoteError, Service,
+    dial, serve, serve_per_link, CallError, DialError, IncomingStream, Link, LinkOptions,
+    LinkStats, MakeService, NoService, OnLink, OnReject, RemoteError, Service, StreamReader,
+    StreamWriter,
 };

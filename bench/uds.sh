@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# udsproxyd benchmark: redis-benchmark and streambench through udsproxyd (DPU side) -> engine
+# (HOST side, built-in peer) side by side with `direct` and the socat chain in ONE interleaved
+# run of ../shared/bench/run_all.sh uds (and pg when asked), all on 127.0.0.1.
+#
+#   bench/uds.sh              sections: uds (redis -P 1/16, stream push/pull, connrate, rtt)
+#   bench/uds.sh uds pg       also pgbench through the proxy
+#   REPS=1 bench/uds.sh       a quick look (default REPS=3)
+#   SHARED=/path/to/shared/bench bench/uds.sh
+#
+# How the "two machines" are made on one box: the engine runs in a private mount namespace in
+# which /run/dpuctl-host holds symlinks to the real servers' sockets ($ANCHOR_DIR/redis.sock,
+# sink.sock, pgsock/.s.PGSQL.5432). Outside that namespace /run/dpuctl-host is empty, so a
+# client's connect to /run/dpuctl-host/redis.sock fails locally (ENOENT); with
+# LD_PRELOAD=libudsproxy.so it is retried through udsproxyd, which proxies it over TCP
+# 127.0.0.1 to the engine, which connects to the real server. The benchmark clients are the
+# shared scripts' own (redis-benchmark, streambench.py, pgbench), unmodified, with the shim
+# preloaded for the whole run: the direct and socat targets' connects succeed locally, so the
+# shim only passes them through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SHARED=${SHARED:-$ROOT/../shared/bench}
+[ -x "$SHARED/run_all.sh" ] || SHARED=$ROOT/../../shared/bench   # from a worktree
+[ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "bench: run as root (mount namespace for the HOST side)" >&2; exit 1; }
+SECTIONS=${*:-uds}
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in redis-server redis-tools socat jq python3; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [[ " $SECTIONS " == *" pg "* ]]; then
+  for p in postgresql postgresql-contrib; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+  done
+fi
+if [ "${#need[@]}" -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release -q
+BIN=$ROOT/target/release/dpuctl
+SHIM=$ROOT/target/release/libudsproxy.so
+[ -f "$SHIM" ] || { echo "bench: $SHIM missing (cargo build --release builds it)" >&2; exit 1; }
+
+export ANCHOR_DIR=${ANCHOR_DIR:-/tmp/dpuctl-bench}
+export RESULTS=${RESULTS:-$ANCHOR_DIR/results.jsonl}
+mkdir -p "$ANCHOR_DIR"
+WORK=$(mktemp -d /tmp/dpuctl-udsbench.XXXXXX)
+VIEW=/run/dpuctl-host
+ENGINE_PID= PROXY_PID=
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null || true
+  [ -n "$ENGINE_PID" ] && kill "$ENGINE_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$BIN" keygen "$WORK/psk" >/dev/null
+printf '[Mount]\nPath=/nonexistent\n[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/host-whitelist"
+printf '[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/dpu-whitelist"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UDS_PORT=$(port)
+mkdir -p "$VIEW"   # empty mount point outside the HOST namespace: connects there get ENOENT
+# The HOST side: a private mount namespace whose $VIEW holds the real sockets.
+unshare --mount --propagation private sh -c '
+  mount -t tmpfs -o mode=0755 tmpfs "$1" && mkdir -p "$1/pg" &&
+  ln -s "$2/redis.sock" "$1/redis.sock" && ln -s "$2/sink.sock" "$1/sink.sock" &&
+  ln -s "$2/pgsock/.s.PGSQL.5432" "$1/pg/.s.PGSQL.5432" && shift 2 && exec "$@"' \
+  sh "$VIEW" "$ANCHOR_DIR" \
+  "$BIN" engine --listen "tcp://127.0.0.1:$(port)" --uds-listen "tcp://127.0.0.1:$UDS_PORT" \
+  --key "$WORK/psk" --whitelist "$WORK/host-whitelist" --run-dir "$WORK/host-run" \
+  --log-level warn 2>"$WORK/engine.log" &
+ENGINE_PID=$!
+# The DPU side: udsproxyd dialling the engine.
+"$BIN" udsproxyd --listen "" --peer "tcp://127.0.0.1:$UDS_PORT" --key "$WORK/psk" \
+  --whitelist "$WORK/dpu-whitelist" --run-dir "$WORK/dpu-run" --log-level warn 2>"$WORK/udsproxyd.log" &
+PROXY_PID=$!
+for _ in $(seq 100); do
+  "$BIN" status --json --run-dir "$WORK/dpu-run" 2>/dev/null | grep -q '"connected"' && break; sleep 0.1
+done
+"$BIN" status --json --run-dir "$WORK/dpu-run" | grep -q '"connected"' || { cat "$WORK"/*.log >&2; echo "bench: peers did not connect" >&2; exit 1; }
+
+export LD_PRELOAD=$SHIM UDSPROXY_REQUEST_SOCKET=$WORK/dpu-run/remote_uds.sock
+EXTRA_REDIS="dpuctl=$VIEW/redis.sock" EXTRA_STREAM="dpuctl=$VIEW/sink.sock" EXTRA_PG="dpuctl=$VIEW/pg" \
+  "$SHARED/run_all.sh" $SECTIONS
+unset LD_PRELOAD
+echo
+echo "## udsproxyd counters after the run"
+"$BIN" status --json --run-dir "$WORK/dpu-run" | jq -c '.daemons[0].counters'

@@ -1,0 +1,1003 @@
+//! The proxy itself, shared by `udsproxyd` and the engine's built-in peer.
+//!
+//! - **Outbound** ([`UdsProxy::serve_requests`]): a local client connects to the request
+//!   socket and writes a [`LocalRequest`]; we open an [`OP_CONNECT`] stream on the peer link
+//!   and answer with a [`Reply`]. A stream connection then *is* the data path (no extra socket,
+//!   no extra copy); for dgram and seqpacket we pass the client one end of a fresh
+//!   `SOCK_SEQPACKET` socketpair (SCM_RIGHTS), because a datagram socketpair cannot tell us
+//!   when the client closes it.
+//! - **Inbound** ([`Service::open_stream`] of [`UdsProxy`]): the peer asks us to connect to a
+//!   path; [`UdsProxy::check`] — the one allowlist check of this bridge — decides, then we
+//!   connect as this daemon and accept the stream.
+//! - **Pumps**: one task per proxied connection moves bytes both ways (`tokio::join!` of the
+//!   two directions, a cancellation token so an error in one ends the other). Reads land in
+//!   a large `BytesMut` whose filled part is split off and sent as one frame (no copy, no
+//!   per-message allocation); writes gather every queued chunk into one `writev`.
+//!   Datagram/seqpacket messages travel as records (proto.rs).
+//! - **Descriptors**: every read is a `recvmsg` so SCM_RIGHTS cannot be dropped silently:
+//!   a descriptor passed over a proxied connection ends that connection with EOPNOTSUPP, logged
+//!   with the reason (docs/udsproxyd.md §fd passing).
+//!
+//! Concurrency: the [`Registry`] of live connections is one mutex held for map inserts and
+//! removes only; byte counters are atomics. Flow control is the link's per-stream credit.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::proto::{
+    take_record, ConnectRequest, LocalRequest, Reply, SockType, FLAG_FALLBACK, OP_CONNECT,
+    REQUEST_HEADER,
+};
+use crate::allowlist::{ListType, SharedAllowlist};
+use crate::daemon::peer::PeerManager;
+use crate::daemon::status::ConnectionStatus;
+use crate::wire::{CallError, IncomingStream, RemoteError, Service, StreamReader, StreamWriter};
+
+/// Read buffer per connection direction: large, so bulk transfers take few syscalls.
+const BUF: usize = 256 * 1024;
+/// Largest datagram/seqpacket message proxied; longer ones end the connection (EMSGSIZE).
+const MAX_MSG: usize = 256 * 1024;
+/// Chunks gathered into one `writev`.
+const MAX_IOV: usize = 64;
+/// Bytes gathered into one `writev` at most.
+const MAX_GATHER: usize = 1024 * 1024;
+/// A client must send its whole request within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The peer must answer a connect within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inbound connects in progress at once (each holds a socket and a task).
+const MAX_CONNECTING: usize = 1024;
+
+/// Why the request socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UdsError {
+    /// The socket's directory could not be created.
+    #[error("cannot create {path}: {source} (check the permissions of its parent, or set [udsproxyd] request_socket)")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Something else already serves the path.
+    #[error("{path} is in use by another running udsproxyd or engine: stop it, or set [udsproxyd] request_socket to another path")]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The path exists and is not a socket.
+    #[error("{path} exists and is not a socket: remove it or set [udsproxyd] request_socket to another path")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Binding failed.
+    #[error("cannot bind the request socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Setting its permissions failed.
+    #[error("cannot set the mode of {path}: {source}")]
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Binds the request socket at `path` with permission bits `mode`. A stale socket left by a
+/// crashed daemon is replaced; a live one is an error.
+pub fn bind_request_socket(path: &Path, mode: u32) -> Result<UnixListener, UdsError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| UdsError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(UdsError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(UdsError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| UdsError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        UdsError::Chmod {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+// ---------------------------------------------------------------------------------------
+// Registry: live connections and counters.
+
+/// Live proxied connections and the counters `dpuctl status` shows.
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<u64, Arc<Conn>>>,
+    next: AtomicU64,
+    total: AtomicU64,
+    outbound: AtomicU64,
+    inbound: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+struct Conn {
+    id: u64,
+    path: String,
+    kind: SockType,
+    direction: &'static str,
+    started: Instant,
+    /// Bytes read from the local socket (sent to the peer).
+    from_local: AtomicU64,
+    /// Bytes written to the local socket (received from the peer).
+    to_local: AtomicU64,
+}
+
+/// Keeps a connection listed while it lives.
+struct ConnGuard {
+    registry: Arc<Registry>,
+    conn: Arc<Conn>,
+}
+
+impl ConnGuard {
+    fn read_local(&self, n: usize) {
+        self.conn.from_local.fetch_add(n as u64, Ordering::Relaxed);
+        self.registry
+            .bytes_in
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn wrote_local(&self, n: usize) {
+        self.conn.to_local.fetch_add(n as u64, Ordering::Relaxed);
+        self.registry
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.conn.id);
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        // Only single inserts and removes happen under it: a poisoned map is still whole.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, path: &Path, kind: SockType, outbound: bool) -> ConnGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let direction = if outbound {
+            self.outbound.fetch_add(1, Ordering::Relaxed);
+            "outbound"
+        } else {
+            self.inbound.fetch_add(1, Ordering::Relaxed);
+            "inbound"
+        };
+        let conn = Arc::new(Conn {
+            id,
+            path: path.to_string_lossy().into_owned(),
+            kind,
+            direction,
+            started: Instant::now(),
+            from_local: AtomicU64::new(0),
+            to_local: AtomicU64::new(0),
+        });
+        self.lock().insert(id, conn.clone());
+        ConnGuard {
+            registry: self.clone(),
+            conn,
+        }
+    }
+
+    /// The live connections, oldest first.
+    pub fn connections(&self) -> Vec<ConnectionStatus> {
+        let mut v: Vec<ConnectionStatus> = self
+            .lock()
+            .values()
+            .map(|c| ConnectionStatus {
+                id: c.id,
+                path: c.path.clone(),
+                kind: c.kind.as_str().to_string(),
+                direction: c.direction.to_string(),
+                bytes_in: c.from_local.load(Ordering::Relaxed),
+                bytes_out: c.to_local.load(Ordering::Relaxed),
+                age_secs: c.started.elapsed().as_secs(),
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// `connections_total`, `connections_active`, `connections_refused`, ... for status.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("connections_total".to_string(), get(&self.total)),
+            ("connections_outbound".to_string(), get(&self.outbound)),
+            ("connections_inbound".to_string(), get(&self.inbound)),
+            ("connections_active".to_string(), self.lock().len() as u64),
+            ("connections_refused".to_string(), get(&self.refused)),
+            ("connections_failed".to_string(), get(&self.failed)),
+            ("bytes_in".to_string(), get(&self.bytes_in)),
+            ("bytes_out".to_string(), get(&self.bytes_out)),
+        ])
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The proxy.
+
+/// One side's Unix-socket proxy: the inbound service on the peer link and the outbound
+/// request socket server.
+pub struct UdsProxy {
+    allowlist: SharedAllowlist,
+    registry: Arc<Registry>,
+    /// Bounds inbound connects in progress (module docs).
+    connecting: Arc<Semaphore>,
+}
+
+impl UdsProxy {
+    /// A proxy checking `allowlist` (its `udsconnect` list).
+    pub fn new(allowlist: SharedAllowlist) -> Arc<UdsProxy> {
+        Arc::new(UdsProxy {
+            allowlist,
+            registry: Arc::new(Registry::default()),
+            connecting: Arc::new(Semaphore::new(MAX_CONNECTING)),
+        })
+    }
+
+    /// Live connections and counters.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The one `udsconnect` check of this bridge: normalises `path` and returns it when the
+    /// allowlist covers it.
+    pub fn check(&self, path: &Path) -> Option<PathBuf> {
+        let normal = crate::allowlist::normalize(path.to_str()?).ok()?;
+        let list = self.allowlist.read().unwrap_or_else(|p| p.into_inner());
+        list.allows(ListType::Udsconnect, &normal).then_some(normal)
+    }
+
+    /// Serves the request socket until `shutdown`: each client in its own task. Connections
+    /// already proxied keep running until they end or the link drops.
+    pub async fn serve_requests(
+        self: Arc<Self>,
+        listener: UnixListener,
+        peer: PeerManager,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let sock = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((sock, _)) => sock,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the request socket failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move { me.outbound(sock, peer).await });
+        }
+    }
+
+    async fn outbound(self: Arc<Self>, mut sock: UnixStream, peer: PeerManager) {
+        let who = sock
+            .peer_cred()
+            .map(|c| format!("pid {} uid {}", c.pid().unwrap_or(0), c.uid()))
+            .unwrap_or_else(|_| "unknown client".into());
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sock)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(client = %who, error = %e, "bad request on the request socket");
+                let _ = send_reply(
+                    &sock,
+                    &Reply::Failed {
+                        errno: libc::EINVAL,
+                        message: e,
+                    },
+                    None,
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(client = %who, "request socket client sent no request within 5 s");
+                return;
+            }
+        };
+        let path_text = req.path.display().to_string();
+        if req.flags & FLAG_FALLBACK != 0 && self.check(&req.path).is_none() {
+            let _ = send_reply(&sock, &Reply::NotRouted, None).await;
+            return;
+        }
+        let refuse = |errno: i32, message: String| Reply::Failed { errno, message };
+        let Some(link) = peer.link() else {
+            self.registry.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %who, path = %path_text, "remote connect refused: the peer link is down");
+            let reply = refuse(
+                libc::ECONNREFUSED,
+                "the udsproxyd peer is not connected".into(),
+            );
+            let _ = send_reply(&sock, &reply, None).await;
+            return;
+        };
+        let open = ConnectRequest {
+            kind: req.kind,
+            path: req.path.clone(),
+        };
+        let opened =
+            tokio::time::timeout(CONNECT_TIMEOUT, link.open_stream(OP_CONNECT, open.encode()))
+                .await;
+        let (r, w) = match opened {
+            Ok(Ok((_, r, w))) => (r, w),
+            Ok(Err(e)) => {
+                let errno = match &e {
+                    CallError::Remote(re) => re.errno,
+                    CallError::Closed(_) => libc::ECONNREFUSED,
+                    other => other.errno(),
+                };
+                self.registry.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %who, path = %path_text, error = %e, "remote connect refused");
+                let message = match e {
+                    CallError::Remote(re) => re.message,
+                    other => other.to_string(),
+                };
+                let _ = send_reply(&sock, &refuse(errno, message), None).await;
+                return;
+            }
+            Err(_) => {
+                self.registry.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %who, path = %path_text, "remote connect timed out");
+                let reply = refuse(
+                    libc::ETIMEDOUT,
+                    "the peer did not answer within 10 s".into(),
+                );
+                let _ = send_reply(&sock, &reply, None).await;
+                return;
+            }
+        };
+        let conn = self.registry.register(&req.path, req.kind, true);
+        tracing::debug!(client = %who, path = %path_text, kind = req.kind.as_str(), id = conn.conn.id, "outbound connection");
+        let result = if req.kind.is_packet() {
+            let pair = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::SeqPacket,
+                None,
+                // Blocking: the client expects the blocking socket a connect gives; ours is
+                // made non-blocking below (the two ends have separate file descriptions).
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            );
+            let (ours, theirs) = match pair {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = send_reply(&sock, &refuse(e as i32, format!("socketpair: {e}")), None)
+                        .await;
+                    return;
+                }
+            };
+            if let Err(e) = send_reply(&sock, &Reply::Connected, Some(theirs.as_raw_fd())).await {
+                tracing::debug!(error = %e, "client left before the reply");
+                return;
+            }
+            drop(theirs);
+            drop(sock);
+            match set_nonblocking(&ours).and_then(|()| async_fd(ours)) {
+                Ok(fd) => pump_packets(fd, SockType::Seqpacket, r, w, &conn).await,
+                Err(e) => Err(RemoteError::from(e)),
+            }
+        } else {
+            if let Err(e) = send_reply(&sock, &Reply::Connected, None).await {
+                tracing::debug!(error = %e, "client left before the reply");
+                return;
+            }
+            pump_stream(sock, r, w, &conn).await
+        };
+        self.ended(&conn, result);
+    }
+
+    fn ended(&self, conn: &ConnGuard, result: Result<(), RemoteError>) {
+        let c = &conn.conn;
+        match result {
+            Ok(()) => tracing::debug!(id = c.id, path = %c.path, "connection closed"),
+            Err(e) => {
+                self.registry.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(id = c.id, path = %c.path, direction = c.direction, error = %e, "connection ended with an error");
+            }
+        }
+    }
+
+    async fn inbound(self: Arc<Self>, req: ConnectRequest, stream: IncomingStream) {
+        let path_text = req.path.display().to_string();
+        let Some(path) = self.check(&req.path) else {
+            self.registry.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(path = %path_text, "peer's connect refused: not on the udsconnect allowlist");
+            stream.refuse(RemoteError::new(
+                libc::ECONNREFUSED,
+                format!("{path_text} is not on the udsconnect allowlist of the far side: add it there with qtcfg -w udsconnect -x {path_text}"),
+            ));
+            return;
+        };
+        let Ok(_permit) = self.connecting.clone().acquire_owned().await else {
+            return;
+        };
+        let local = match req.kind {
+            SockType::Stream => UnixStream::connect(&path).await.map(Local::Stream),
+            kind => connect_packet(kind, &path)
+                .await
+                .map(|fd| Local::Packet(fd, kind)),
+        };
+        drop(_permit);
+        let local = match local {
+            Ok(l) => l,
+            Err(e) => {
+                self.registry.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(path = %path_text, error = %e, "peer's connect failed here");
+                let mut re = RemoteError::from(e);
+                re.message = format!("connect to {path_text} on the far side: {}", re.message);
+                stream.refuse(re);
+                return;
+            }
+        };
+        let (r, w) = stream.accept(Bytes::new());
+        let conn = self.registry.register(&path, req.kind, false);
+        tracing::debug!(path = %path_text, kind = req.kind.as_str(), id = conn.conn.id, "inbound connection");
+        let result = match local {
+            Local::Stream(s) => pump_stream(s, r, w, &conn).await,
+            Local::Packet(fd, kind) => pump_packets(fd, kind, r, w, &conn).await,
+        };
+        self.ended(&conn, result);
+    }
+}
+
+enum Local {
+    Stream(UnixStream),
+    Packet(AsyncFd<OwnedFd>, SockType),
+}
+
+impl Service for UdsProxy {
+    fn call(&self, op: u16, _payload: Bytes) -> BoxFuture<'static, Result<Bytes, RemoteError>> {
+        Box::pin(async move {
+            Err(RemoteError::new(
+                libc::ENOSYS,
+                format!("udsproxyd serves streams only, not op {op}"),
+            ))
+        })
+    }
+
+    fn open_stream(&self, op: u16, payload: Bytes, stream: IncomingStream) {
+        if op != OP_CONNECT {
+            stream.refuse(RemoteError::new(
+                libc::ENOSYS,
+                format!("unknown stream op {op}"),
+            ));
+            return;
+        }
+        let req = match ConnectRequest::decode(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                stream.refuse(RemoteError::new(libc::EINVAL, e.to_string()));
+                return;
+            }
+        };
+        let me = UdsProxy {
+            allowlist: self.allowlist.clone(),
+            registry: self.registry.clone(),
+            connecting: self.connecting.clone(),
+        };
+        tokio::spawn(Arc::new(me).inbound(req, stream));
+    }
+}
+
+async fn read_request(sock: &mut UnixStream) -> Result<LocalRequest, String> {
+    let mut h = [0u8; REQUEST_HEADER];
+    sock.read_exact(&mut h)
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?;
+    let (kind, flags, len) = LocalRequest::decode_header(&h).map_err(|e| e.to_string())?;
+    let mut path = vec![0u8; len];
+    sock.read_exact(&mut path)
+        .await
+        .map_err(|e| format!("reading the request path: {e}"))?;
+    LocalRequest::from_parts(kind, flags, &path).map_err(|e| e.to_string())
+}
+
+/// Writes `reply`, with `fd` attached as SCM_RIGHTS when given.
+async fn send_reply(sock: &UnixStream, reply: &Reply, fd: Option<RawFd>) -> io::Result<()> {
+    let bytes = reply.encode();
+    let mut sent = 0;
+    while sent < bytes.len() {
+        sock.writable().await?;
+        let fds: Vec<RawFd> = if sent == 0 {
+            fd.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let r = sock.try_io(Interest::WRITABLE, || {
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+            let cmsgs: &[nix::sys::socket::ControlMessage] =
+                if fds.is_empty() { &[] } else { &cmsg };
+            nix::sys::socket::sendmsg::<()>(
+                sock.as_raw_fd(),
+                &[IoSlice::new(&bytes[sent..])],
+                cmsgs,
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match r {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Connects a dgram (autobound, so the server can answer) or seqpacket socket to `path`.
+async fn connect_packet(kind: SockType, path: &Path) -> io::Result<AsyncFd<OwnedFd>> {
+    use nix::sys::socket::{self as s, SockFlag, UnixAddr};
+    let ty = if kind == SockType::Dgram {
+        s::SockType::Datagram
+    } else {
+        s::SockType::SeqPacket
+    };
+    let fd = s::socket(
+        s::AddressFamily::Unix,
+        ty,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if kind == SockType::Dgram {
+        s::bind(fd.as_raw_fd(), &UnixAddr::new_unnamed())?;
+    }
+    let addr = UnixAddr::new(path)?;
+    // A full listen backlog answers EAGAIN on a non-blocking Unix connect: retry briefly.
+    let mut tries = 0;
+    loop {
+        match s::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EAGAIN) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    async_fd(fd)
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Registers a socket with the reactor.
+fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open, and keeps returning the
+    // same number, until the AsyncFd that now owns it drops it.
+    Ok(unsafe { AsyncFd::register(fd) }?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Pumps.
+
+/// What one `recvmsg` got.
+struct Received {
+    n: usize,
+    /// Descriptors arrived (and were closed) or were cut off (MSG_CTRUNC).
+    fds: bool,
+    /// A message longer than the buffer (MSG_TRUNC).
+    truncated: bool,
+}
+
+/// `recvmsg` into the spare capacity of `buf` (non-blocking), closing any descriptors that
+/// came along.
+fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<Received> {
+    let spare = buf.spare_capacity_mut();
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // Room for 32 descriptors; u64 for cmsghdr alignment.
+    let mut control = [0u64; 20];
+    // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control" value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: iov points at `spare`, writable memory of iov_len bytes owned by `buf`;
+    // msg_control at `control` of msg_controllen bytes; both outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    let mut fds = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+    // msg_controllen; each SCM_RIGHTS payload is an array of ints we now own and close.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                fds = true;
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    libc::close(std::ptr::read_unaligned(data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        // SAFETY: the kernel wrote n bytes into the spare capacity.
+        buf.set_len(buf.len() + n);
+    }
+    Ok(Received {
+        n,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+fn fd_refused() -> RemoteError {
+    tracing::warn!("a file descriptor was passed (SCM_RIGHTS) over a proxied connection: descriptors cannot cross machines, so the connection is ended");
+    RemoteError::new(
+        libc::EOPNOTSUPP,
+        "a file descriptor was passed (SCM_RIGHTS) over a proxied connection; descriptors cannot cross machines",
+    )
+}
+
+async fn pump_stream(
+    sock: UnixStream,
+    mut r: StreamReader,
+    mut w: StreamWriter,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let stop = CancellationToken::new();
+    let (up, down) = {
+        let up = stream_up(&sock, &mut w, conn);
+        let down = stream_down(&sock, &mut r, conn);
+        join_both(&stop, up, down).await
+    };
+    finish(w, up, down)
+}
+
+async fn pump_packets(
+    fd: AsyncFd<OwnedFd>,
+    kind: SockType,
+    mut r: StreamReader,
+    mut w: StreamWriter,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let stop = CancellationToken::new();
+    let (up, down) = {
+        let up = packet_up(&fd, kind, &mut w, conn);
+        let down = async {
+            packet_down(&fd, kind, &mut r, conn).await?;
+            if kind == SockType::Dgram {
+                // A datagram socket has no end of its own: the far side's fin ends it.
+                stop.cancel();
+            }
+            Ok(())
+        };
+        join_both(&stop, up, down).await
+    };
+    finish(w, up, down)
+}
+
+/// Runs both directions; an error in one cancels the other.
+async fn join_both<U, D>(
+    stop: &CancellationToken,
+    up: U,
+    down: D,
+) -> (Result<(), RemoteError>, Result<(), RemoteError>)
+where
+    U: std::future::Future<Output = Result<(), RemoteError>>,
+    D: std::future::Future<Output = Result<(), RemoteError>>,
+{
+    tokio::join!(guarded(stop, up), guarded(stop, down))
+}
+
+async fn guarded<F>(stop: &CancellationToken, f: F) -> Result<(), RemoteError>
+where
+    F: std::future::Future<Output = Result<(), RemoteError>>,
+{
+    tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        r = f => {
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        }
+    }
+}
+
+/// Resets the stream with the local error, if any; returns the first error.
+fn finish(
+    w: StreamWriter,
+    up: Result<(), RemoteError>,
+    down: Result<(), RemoteError>,
+) -> Result<(), RemoteError> {
+    match (up, down) {
+        (Err(e), _) => {
+            w.reset(e.clone());
+            Err(e)
+        }
+        (Ok(()), Err(e)) => Err(e),
+        // Dropping `w` resets the stream only if it never finished (cancelled).
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+async fn stream_up(
+    sock: &UnixStream,
+    w: &mut StreamWriter,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let mut buf = BytesMut::with_capacity(BUF);
+    loop {
+        if buf.capacity() - buf.len() < BUF / 4 {
+            // Reclaims the same allocation once the frames sent from it are written.
+            buf.reserve(BUF);
+        }
+        sock.readable().await?;
+        let got = sock.try_io(Interest::READABLE, || recv_into(sock.as_raw_fd(), &mut buf));
+        match got {
+            Ok(rcv) if rcv.fds => return Err(fd_refused()),
+            Ok(rcv) if rcv.n == 0 => {
+                w.finish().await?;
+                return Ok(());
+            }
+            Ok(rcv) => {
+                conn.read_local(rcv.n);
+                w.send(buf.split().freeze()).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn stream_down(
+    sock: &UnixStream,
+    r: &mut StreamReader,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let mut pending: VecDeque<Bytes> = VecDeque::with_capacity(MAX_IOV);
+    loop {
+        match r.recv().await? {
+            Some(b) => pending.push_back(b),
+            None => break,
+        }
+        let mut fin = false;
+        let mut gathered = pending.iter().map(Bytes::len).sum::<usize>();
+        while pending.len() < MAX_IOV && gathered < MAX_GATHER {
+            match r.try_recv() {
+                Some(Ok(Some(b))) => {
+                    gathered += b.len();
+                    pending.push_back(b);
+                }
+                Some(Ok(None)) => {
+                    fin = true;
+                    break;
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        write_all_vectored(sock, &mut pending, conn).await?;
+        if fin {
+            break;
+        }
+    }
+    // The peer finished: pass the half-close on.
+    let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    Ok(())
+}
+
+async fn write_all_vectored(
+    sock: &UnixStream,
+    pending: &mut VecDeque<Bytes>,
+    conn: &ConnGuard,
+) -> io::Result<()> {
+    while !pending.is_empty() {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let k = pending.len().min(MAX_IOV);
+        for (slot, b) in iov.iter_mut().zip(pending.iter()) {
+            *slot = IoSlice::new(b);
+        }
+        let written = match sock.try_write_vectored(&iov[..k]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sock.writable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        conn.wrote_local(written);
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = pending.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                pending.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn packet_up(
+    fd: &AsyncFd<OwnedFd>,
+    kind: SockType,
+    w: &mut StreamWriter,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let mut batch = BytesMut::with_capacity(BUF + MAX_MSG);
+    let eof_on_empty = kind == SockType::Seqpacket;
+    let flush_at = w.max_chunk();
+    loop {
+        let mut guard = fd.readable().await?;
+        let mut eof = false;
+        loop {
+            if batch.capacity() - batch.len() < 4 + MAX_MSG {
+                if !batch.is_empty() {
+                    break;
+                }
+                batch.reserve(BUF + MAX_MSG);
+            }
+            let at = batch.len();
+            batch.put_u32(0);
+            match guard.try_io(|inner| recv_into(inner.as_raw_fd(), &mut batch)) {
+                Ok(Ok(rcv)) => {
+                    if rcv.fds {
+                        return Err(fd_refused());
+                    }
+                    if rcv.truncated {
+                        return Err(RemoteError::new(
+                            libc::EMSGSIZE,
+                            format!("a message longer than {MAX_MSG} bytes cannot be proxied"),
+                        ));
+                    }
+                    if rcv.n == 0 && eof_on_empty {
+                        batch.truncate(at);
+                        eof = true;
+                        break;
+                    }
+                    batch[at..at + 4].copy_from_slice(&(rcv.n as u32).to_be_bytes());
+                    conn.read_local(rcv.n);
+                    if batch.len() >= flush_at {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_would_block) => {
+                    batch.truncate(at);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            w.send(batch.split().freeze()).await?;
+        }
+        if eof {
+            w.finish().await?;
+            return Ok(());
+        }
+    }
+}
+
+async fn packet_down(
+    fd: &AsyncFd<OwnedFd>,
+    kind: SockType,
+    r: &mut StreamReader,
+    conn: &ConnGuard,
+) -> Result<(), RemoteError> {
+    let bad = |e: super::proto::ProtoError| RemoteError::new(libc::EPROTO, e.to_string());
+    // Holds a record split across frames; empty otherwise (the common case copies nothing).
+    let mut partial = BytesMut::new();
+    while let Some(mut chunk) = r.recv().await? {
+        if !partial.is_empty() {
+            partial.extend_from_slice(&chunk);
+            while let Some(msg) = take_record(&mut partial).map_err(bad)? {
+                send_packet(fd, &msg, conn).await?;
+            }
+            continue;
+        }
+        loop {
+            if chunk.len() < 4 {
+                break;
+            }
+            let len = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
+            if len > super::proto::MAX_RECORD {
+                return Err(bad(super::proto::ProtoError::RecordTooLarge(len)));
+            }
+            if chunk.len() < 4 + len {
+                break;
+            }
+            let msg = chunk.slice(4..4 + len);
+            chunk.advance(4 + len);
+            send_packet(fd, &msg, conn).await?;
+        }
+        partial.extend_from_slice(&chunk);
+    }
+    if kind == SockType::Seqpacket {
+        let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    }
+    Ok(())
+}
+
+async fn send_packet(fd: &AsyncFd<OwnedFd>, msg: &[u8], conn: &ConnGuard) -> io::Result<()> {
+    use nix::sys::socket::MsgFlags;
+    loop {
+        let mut guard = fd.writable().await?;
+        match guard.try_io(|inner| {
+            nix::sys::socket::send(
+                inner.as_raw_fd(),
+                msg,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(Ok(_)) => {
+                conn.wrote_local(msg.len());
+                return Ok(());
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
