@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-cargo build --bins
+cargo build
 cargo test --all-targets -- --test-threads=2
