@@ -383,6 +383,27 @@ fn install_main(args: Vec<OsString>) -> ExitCode {
 
 /// Prints `<tool>: <error>: <cause>...` on stderr (causes already in the message are not
 /// repeated) and returns exit code 1.
+/// Runs a daemon's async main on a multi-threaded runtime (`threads` workers, or one per
+/// core) and turns its outcome into the exit status, printing the error chain on failure.
+pub fn run_daemon<E, F>(tool: &str, threads: Option<usize>, main: F) -> ExitCode
+where
+    E: std::error::Error,
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.max(1));
+    }
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(tool, &e),
+    };
+    match rt.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(tool, &e),
+    }
+}
+
 pub fn fail(tool: &str, e: &dyn std::error::Error) -> ExitCode {
     let mut msg = e.to_string();
     let mut source = e.source();

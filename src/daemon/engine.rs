@@ -161,17 +161,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return crate::cli::fail("engine", &e),
-    };
-    match rt.block_on(run_main(a)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => crate::cli::fail("engine", &e),
-    }
+    crate::cli::run_daemon("engine", None, run_main(a))
 }
 
 async fn run_main(a: EngineArgs) -> Result<(), StartError> {

@@ -920,17 +920,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::cli::clap_exit(e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return crate::cli::fail("rexec_server", &e),
-    };
-    match rt.block_on(run_main(a)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => crate::cli::fail("rexec_server", &e),
-    }
+    crate::cli::run_daemon("rexec_server", None, run_main(a))
 }
 
 /// The addresses to listen on: flags, else `CMD_NET_ADDR`, else the Unix socket.

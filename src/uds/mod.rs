@@ -107,18 +107,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     // The original <thread num> sizes the runtime: the proxy is I/O-bound, and on a small
     // DPU fewer threads mean fewer cross-thread wake-ups per proxied message.
     let threads = worker_threads(&a);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return crate::cli::fail("udsproxyd", &e),
-    };
-    match rt.block_on(run_main(a)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => crate::cli::fail("udsproxyd", &e),
-    }
+    crate::cli::run_daemon("udsproxyd", Some(threads), run_main(a))
 }
 
 /// Runtime worker threads: `--threads`, else the positional `<thread num>`, else the config
