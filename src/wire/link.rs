@@ -1589,6 +1589,9 @@ impl StreamWriter {
     /// Sends `data`, waiting for credit as needed; large buffers leave as several frames.
     /// Fails when the stream was reset or the link closed.
     pub async fn send(&mut self, mut data: Bytes) -> Result<(), RemoteError> {
+        if self.inner.closed.is_cancelled() {
+            return Err(closed_error(&self.inner));
+        }
         while !data.is_empty() {
             let n = self.credit.take(data.len().min(self.chunk)).await?;
             let part = data.split_to(n);
@@ -1609,6 +1612,11 @@ impl StreamWriter {
     pub async fn finish(&mut self) -> Result<(), RemoteError> {
         if self.done {
             return Ok(());
+        }
+        // A closing link must not look like a clean end of stream to the peer: a fin that
+        // raced with the close (queued after it) would turn a broken connection into EOF.
+        if self.inner.closed.is_cancelled() {
+            return Err(closed_error(&self.inner));
         }
         let frame = Frame::new(
             Kind::Stream(STREAM_FIN),
