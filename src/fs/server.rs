@@ -110,6 +110,8 @@ pub struct FsPool {
     /// workers exit after finishing what they hold.
     tx: Mutex<mpsc::Sender<Job>>,
     threads: usize,
+    /// The engine's own identity, restored after a [`FsPool::quick`] call.
+    own: Creds,
 }
 
 thread_local! {
@@ -142,9 +144,17 @@ impl FsPool {
                 }
             })?;
         }
+        let own = Creds {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            groups: nix::unistd::getgroups()
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_default(),
+        };
         Ok(Arc::new(FsPool {
             tx: Mutex::new(tx),
             threads,
+            own,
         }))
     }
 
@@ -177,6 +187,29 @@ impl FsPool {
             Ok(r) => r.map_err(Errno::from),
             Err(_) => Err(Errno(libc::EIO)),
         }
+    }
+}
+
+impl FsPool {
+    /// Runs `f` right here, on the calling runtime thread, as `creds` when given, then
+    /// switches the thread back to the engine's own identity. For short metadata syscalls
+    /// that create nothing (lookup, stat, access, readlink, xattr reads, unlink, rename): two
+    /// thread hand-offs to and from the pool cost more than the syscall itself. Nothing else
+    /// runs on this thread meanwhile (no await inside), so no other task sees the identity.
+    async fn quick<T, F>(&self, creds: Option<Creds>, f: F) -> Result<T, Errno>
+    where
+        F: FnOnce() -> io::Result<T>,
+    {
+        let Some(c) = creds else {
+            return f().map_err(Errno::from);
+        };
+        let r = sys::set_thread_creds(c.uid, c.gid, &c.groups).and_then(|()| f());
+        if let Err(e) = sys::set_thread_creds(self.own.uid, self.own.gid, &self.own.groups) {
+            // Not a privilege gain (the thread keeps a caller's, lesser, identity), but the
+            // next quick call switches again anyway; say it loudly.
+            tracing::error!(error = %e, "qtfs: could not restore the engine's identity on a runtime thread");
+        }
+        r.map_err(Errno::from)
     }
 }
 
@@ -778,7 +811,9 @@ impl FsServer {
             Lookup { parent, name } => {
                 let (pfd, mount) = self.node(parent)?;
                 if name == b"." {
-                    let st = pool.run(None, move || sys::fstat(pfd.as_raw_fd())).await?;
+                    let st = pool
+                        .quick(None, move || sys::fstat(pfd.as_raw_fd()))
+                        .await?;
                     let mut t = self.lock();
                     if let Some(n) = t.nodes.get_mut(&parent) {
                         n.nlookup += 1;
@@ -805,7 +840,7 @@ impl FsServer {
                         .await;
                     }
                     let (fd, st) = pool
-                        .run(Some(creds), move || {
+                        .quick(Some(creds), move || {
                             let fd = sys::openat2(
                                 pfd.as_raw_fd(),
                                 c"..",
@@ -820,7 +855,7 @@ impl FsServer {
                     return Ok(Response::Entry(self.register(fd, &st, mount)));
                 }
                 let (fd, st) = pool
-                    .run(Some(creds), move || Self::lookup_at(pfd.as_raw_fd(), &name))
+                    .quick(Some(creds), move || Self::lookup_at(pfd.as_raw_fd(), &name))
                     .await?;
                 Ok(Response::Entry(self.register(fd, &st, mount)))
             }
@@ -835,7 +870,7 @@ impl FsServer {
                     Some(Ok(h)) => FdRef::Handle(h),
                     _ => FdRef::Node(self.node(node)?.0),
                 };
-                let st = pool.run(None, move || sys::fstat(fd.raw())).await?;
+                let st = pool.quick(None, move || sys::fstat(fd.raw())).await?;
                 Ok(Response::Attr(attr_of(&st)))
             }
             Setattr { node, fh, set: s } => {
@@ -892,7 +927,7 @@ impl FsServer {
             Readlink { node } => {
                 let (fd, _) = self.node(node)?;
                 let target = pool
-                    .run(Some(creds), move || sys::readlink_fd(fd.as_raw_fd()))
+                    .quick(Some(creds), move || sys::readlink_fd(fd.as_raw_fd()))
                     .await?;
                 Ok(Response::Data(Bytes::from(target)))
             }
@@ -950,7 +985,7 @@ impl FsServer {
             } => {
                 let (a, _) = self.node(parent)?;
                 let (b, _) = self.node(newparent)?;
-                pool.run(Some(creds), move || {
+                pool.quick(Some(creds), move || {
                     let (n1, n2) = (sys::cstr(&name)?, sys::cstr(&newname)?);
                     sys::renameat2(a.as_raw_fd(), &n1, b.as_raw_fd(), &n2, flags)
                 })
@@ -1042,7 +1077,9 @@ impl FsServer {
             } => self.readdir(creds, fh, offset, size, plus).await,
             Statfs { node } => {
                 let (fd, _) = self.node(node)?;
-                let s = pool.run(None, move || sys::fstatfs(fd.as_raw_fd())).await?;
+                let s = pool
+                    .quick(None, move || sys::fstatfs(fd.as_raw_fd()))
+                    .await?;
                 Ok(Response::Statfs(proto::Statfs {
                     blocks: s.f_blocks,
                     bfree: s.f_bfree,
@@ -1078,7 +1115,7 @@ impl FsServer {
             Getxattr { node, name, size } => {
                 let (fd, _) = self.node(node)?;
                 let v = pool
-                    .run(Some(creds), move || {
+                    .quick(Some(creds), move || {
                         let c = sys::cstr(&name)?;
                         // size 0 asks for the length: fetch the whole value and let the
                         // client report its size.
@@ -1098,7 +1135,7 @@ impl FsServer {
             Listxattr { node, size } => {
                 let (fd, _) = self.node(node)?;
                 let v = pool
-                    .run(Some(creds), move || {
+                    .quick(Some(creds), move || {
                         let cap = if size == 0 {
                             XATTR_MAX
                         } else {
@@ -1114,7 +1151,7 @@ impl FsServer {
             }
             Access { node, mask } => {
                 let (fd, _) = self.node(node)?;
-                pool.run(Some(creds), move || sys::access_fd(fd.as_raw_fd(), mask))
+                pool.quick(Some(creds), move || sys::access_fd(fd.as_raw_fd(), mask))
                     .await?;
                 Ok(Response::Empty)
             }
@@ -1266,7 +1303,7 @@ impl FsServer {
     ) -> Result<Response, Errno> {
         let (pfd, _) = self.node(parent)?;
         self.pool
-            .run(Some(creds), move || {
+            .quick(Some(creds), move || {
                 sys::unlinkat(pfd.as_raw_fd(), &sys::cstr(&name)?, flags)
             })
             .await?;
@@ -1357,6 +1394,41 @@ impl FdRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn quick_runs_as_the_caller_and_gives_the_identity_back() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED quick identity test: needs root to switch fsuid");
+            return;
+        }
+        let pool = FsPool::new(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let nobody = Creds {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![],
+        };
+        let target = private.clone();
+        let r = pool
+            .quick(Some(nobody), move || std::fs::read_dir(&target).map(|_| ()))
+            .await;
+        assert_eq!(r, Err(Errno(libc::EACCES)), "the syscall ran as nobody");
+        // SAFETY: setfsuid(-1) only reads the calling thread's fsuid.
+        let fsuid = unsafe { libc::setfsuid(u32::MAX) };
+        assert_eq!(fsuid as u32, 0, "the runtime thread is root again");
+        let target = private.clone();
+        let r = pool
+            .quick(None, move || std::fs::read_dir(&target).map(|_| ()))
+            .await;
+        assert_eq!(r, Ok(()), "and can read what root can");
+    }
 
     #[tokio::test]
     async fn a_blocked_pool_thread_does_not_block_the_others() {
