@@ -342,7 +342,10 @@ impl Addr {
                         .map(Stream::Vsock)
                         .map_err(|e| vsock_context(e, self, "connect"))
                 }
-                Addr::Unix(path) => UnixStream::connect(path).await.map(Stream::Unix),
+                Addr::Unix(path) => UnixStream::connect(path).await.map(|s| {
+                    big_unix_buffers(&s);
+                    Stream::Unix(s)
+                }),
             }
         };
         match tokio::time::timeout(timeout, attempt).await {
@@ -464,6 +467,19 @@ impl fmt::Debug for Listener {
     }
 }
 
+/// Socket buffer of link connections over Unix sockets. The default (~208 KiB) is smaller
+/// than one large data frame, so bulk transfers would wake both sides several times per
+/// frame; TCP autotunes its buffers and needs nothing.
+const UNIX_BUFFER: usize = 4 << 20;
+
+/// Best effort: the kernel caps the value at net.core.{w,r}mem_max, and a smaller buffer
+/// only costs speed.
+fn big_unix_buffers(s: &UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::SndBuf, &UNIX_BUFFER);
+    let _ = setsockopt(s, sockopt::RcvBuf, &UNIX_BUFFER);
+}
+
 impl Listener {
     /// Accepts one connection; returns the stream and the peer's address for logs
     /// (`tcp://127.0.0.1:5555`, `vsock://3:1024`, `unix:///path[pid=1,uid=0]`).
@@ -489,6 +505,7 @@ impl Listener {
                     ),
                     Err(_) => String::new(),
                 };
+                big_unix_buffers(&s);
                 Ok((Stream::Unix(s), format!("unix://{}{who}", path.display())))
             }
             ListenerInner::Vsock(l) => {
