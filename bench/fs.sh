@@ -27,6 +27,15 @@ BIN=$ROOT/target/release/dpuctl
 export ANCHOR_DIR=${ANCHOR_DIR:-/tmp/dpuctl-bench}
 export RESULTS=${RESULTS:-$ANCHOR_DIR/results.jsonl}
 mkdir -p "$ANCHOR_DIR/local" "$ANCHOR_DIR/mnt/dpuctl" "$ANCHOR_DIR/mnt/dpuctl-wb"
+# The tar test's tree: the Python stdlib as fsbench.sh would pack it, minus dangling symlinks
+# (some distributions ship them, e.g. to a -dev package's files); sshfs cannot utime or chown
+# through them, which would abort the whole run.
+export TREE_TAR=${TREE_TAR:-$ANCHOR_DIR/pystdlib.tar}
+if [ ! -s "$TREE_TAR" ]; then
+  src=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  (cd "$(dirname "$src")" && find "$(basename "$src")" -path '*/site-packages' -prune -o ! -xtype l -print |
+    tar --no-recursion -cf "$TREE_TAR" -T -)
+fi
 WORK=$(mktemp -d /tmp/dpuctl-bench-run.XXXXXX)
 ENGINE_PID=
 cleanup() {

@@ -904,3 +904,47 @@ fn posix_ops_match_with_writeback_cache_and_direct_io() {
         assert_eq!(want, got, "{opts:?}");
     }
 }
+
+#[test]
+fn missing_xattrs_are_remembered_but_a_set_is_seen_at_once() {
+    use std::io::Write;
+    let Some(fx) = setup() else { return };
+    let path = fx.mnt().join("caps");
+    let mut f = File::create(&path).unwrap();
+    let stats = fx.mount.as_ref().unwrap().stats();
+    let before = stats.snapshot().get("getxattr").map_or(0, |o| o.count);
+    // The kernel asks for security.capability before each write; one answer serves them all.
+    for _ in 0..200 {
+        f.write_all(b"0123456789").unwrap();
+    }
+    let asked = stats.snapshot().get("getxattr").map_or(0, |o| o.count) - before;
+    assert!(asked <= 2, "{asked} getxattr round trips for 200 writes");
+    assert_eq!(fs::read(fx.export().join("caps")).unwrap().len(), 2000);
+
+    let c_path = c(&path);
+    let name = c"user.dpuctl";
+    let mut buf = [0u8; 16];
+    // SAFETY: valid NUL-terminated strings and a buffer of the stated size.
+    let get = |buf: &mut [u8; 16]| unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(get(&mut buf), -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+    // SAFETY: as above.
+    let r = unsafe { libc::setxattr(c_path.as_ptr(), name.as_ptr(), b"v1".as_ptr().cast(), 2, 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        get(&mut buf),
+        2,
+        "a set through the mount is visible at once"
+    );
+    assert_eq!(&buf[..2], b"v1");
+}

@@ -85,7 +85,15 @@ struct Inner {
     /// Directory entries fetched ahead per directory handle (see [`DirBuf`]).
     dirs: Mutex<HashMap<u64, DirBuf>>,
     stats: Arc<MountStats>,
+    /// Extended attributes the engine said do not exist (ENODATA), by node and name, with
+    /// when: the kernel asks for `security.capability` before every write (to drop file
+    /// capabilities), which would otherwise cost a round trip per write. Trusted for
+    /// `attr_ttl`, like attributes; setxattr/removexattr through this mount forget the node's.
+    xattr_absent: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
 }
+
+/// Above this many remembered absent xattrs the cache starts over.
+const XATTR_ABSENT_MAX: usize = 65536;
 
 /// When a pid's groups were read, and the groups.
 type CachedGroups = (Instant, Arc<[u32]>);
@@ -233,6 +241,7 @@ impl QtfsClient {
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
                 stats: Arc::new(MountStats::new()),
+                xattr_absent: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -361,6 +370,11 @@ impl QtfsClient {
         if !items.is_empty() {
             self.call(Request::Forget { items }, no_creds(), |_, _| {});
         }
+    }
+
+    /// Drops what the xattr cache knows about `node` (its xattrs are changing).
+    fn forget_absent_xattrs(&self, node: u64) {
+        lock(&self.inner.xattr_absent).retain(|(n, _), _| *n != node);
     }
 
     /// This mount's per-operation statistics.
@@ -1042,6 +1056,7 @@ impl Filesystem for QtfsClient {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.forget_absent_xattrs(self.node(ino));
         let r = Request::Setxattr {
             node: self.node(ino),
             name: name.as_bytes().to_vec(),
@@ -1059,12 +1074,28 @@ impl Filesystem for QtfsClient {
         size: u32,
         reply: ReplyXattr,
     ) {
+        let node = self.node(ino);
+        let key = (node, name.as_bytes().to_vec());
+        let ttl = self.inner.opts.attr_ttl;
+        let known_absent = lock(&self.inner.xattr_absent)
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < ttl);
+        if known_absent {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
         let r = Request::Getxattr {
-            node: self.node(ino),
-            name: name.as_bytes().to_vec(),
+            node,
+            name: key.1.clone(),
             size,
         };
-        self.call(r, self.creds_of(req), move |_, r| {
+        self.call(r, self.creds_of(req), move |me, r| {
+            if r == Err(libc::ENODATA) && !ttl.is_zero() {
+                let mut absent = lock(&me.inner.xattr_absent);
+                if absent.len() >= XATTR_ABSENT_MAX {
+                    absent.clear();
+                }
+                absent.insert(key, Instant::now());
+            }
             reply_xattr(r, size, reply)
         });
     }
@@ -1081,6 +1112,7 @@ impl Filesystem for QtfsClient {
     }
 
     fn removexattr(&self, req: &FuseRequest, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.forget_absent_xattrs(self.node(ino));
         let r = Request::Removexattr {
             node: self.node(ino),
             name: name.as_bytes().to_vec(),
