@@ -911,15 +911,9 @@ pub fn fmt_total(n: u64) -> String {
     }
 }
 
-/// `850us`, `1.2ms`, `3.4s`.
+/// `850us`, `1.2ms`, `3.41s` (as `dpuctl status` prints them).
 pub fn fmt_us(us: u64) -> String {
-    if us < 1_000 {
-        format!("{us}us")
-    } else if us < 1_000_000 {
-        format!("{:.1}ms", us as f64 / 1_000.0)
-    } else {
-        format!("{:.1}s", us as f64 / 1_000_000.0)
-    }
+    crate::daemon::tools::human_rtt(us)
 }
 
 /// `42s`, `3m05s`, `2h07m`, `3d04h`.
