@@ -130,6 +130,13 @@ fn mount_read_write_and_umount_through_the_engine() {
             .any(|p| p["role"] == "mount" && p["state"] == "connected"),
         "{st}"
     );
+    assert!(
+        st["daemons"][0]["counters"]["requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the engine counts the requests it served: {st}"
+    );
     // The mount process registers its own control socket: status shows the mount, its
     // engine link and per-operation figures.
     let st = t.dpu.status().unwrap();

@@ -387,6 +387,7 @@ impl StatusSource for Engine {
     fn counters(&self) -> BTreeMap<String, u64> {
         let mut c = BTreeMap::from([
             ("clients".to_string(), self.clients.len() as u64),
+            ("requests".to_string(), self.clients.requests()),
             (
                 "handshakes_refused".to_string(),
                 self.rejected.load(Ordering::Relaxed),
@@ -411,6 +412,8 @@ impl StatusSource for Engine {
 struct Clients {
     links: Mutex<HashMap<u64, (Link, std::time::Instant)>>,
     next: AtomicU64,
+    /// Requests served on links that have since closed (so `requests` never goes back).
+    finished_requests: AtomicU64,
 }
 
 impl Clients {
@@ -423,7 +426,13 @@ impl Clients {
         let me = self.clone();
         tokio::spawn(async move {
             let reason = link.closed().await;
-            me.lock().remove(&id);
+            {
+                // Under the table lock, so `requests` sees the link in exactly one place.
+                let mut links = me.lock();
+                links.remove(&id);
+                me.finished_requests
+                    .fetch_add(link.stats().requests_in, Ordering::Relaxed);
+            }
             tracing::info!(peer = %peer.address, reason = %reason, "client disconnected");
         });
     }
@@ -434,6 +443,13 @@ impl Clients {
 
     fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// File-service requests served since the engine started, by every client.
+    fn requests(&self) -> u64 {
+        let links = self.lock();
+        let live: u64 = links.values().map(|(l, _)| l.stats().requests_in).sum();
+        live + self.finished_requests.load(Ordering::Relaxed)
     }
 
     fn status(&self) -> Vec<PeerStatus> {
