@@ -165,6 +165,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 }
 
 async fn run_main(a: EngineArgs) -> Result<(), StartError> {
+    // Files the engine creates for DPU callers carry the mode the DPU kernel already masked;
+    // its own files (lock, sockets, whitelist, log) all get explicit modes. With umask 0
+    // the file service may create on runtime threads too (FsPool::creating).
+    // SAFETY: umask cannot fail; no other thread creates files yet.
+    unsafe { libc::umask(0) };
     let common = a.common.to_args();
     let (mut config, source) = runner::resolve(&common)?;
     apply_args(&mut config, &a)?;

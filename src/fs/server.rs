@@ -112,6 +112,10 @@ pub struct FsPool {
     threads: usize,
     /// The engine's own identity, restored after a [`FsPool::quick`] call.
     own: Creds,
+    /// The process umask was 0 when the pool started (the engine sets it so), so creating
+    /// syscalls may run on runtime threads too: pool threads get umask 0 by unsharing their
+    /// fs_struct, runtime threads share the process's.
+    umask_zero: bool,
 }
 
 thread_local! {
@@ -155,6 +159,7 @@ impl FsPool {
             tx: Mutex::new(tx),
             threads,
             own,
+            umask_zero: sys::process_umask() == Some(0),
         }))
     }
 
@@ -210,6 +215,22 @@ impl FsPool {
             tracing::error!(error = %e, "qtfs: could not restore the engine's identity on a runtime thread");
         }
         r.map_err(Errno::from)
+    }
+}
+
+impl FsPool {
+    /// [`FsPool::quick`] for syscalls that create (their mode must not be masked again),
+    /// when the process umask is 0; otherwise [`FsPool::run`] on a pool thread.
+    async fn creating<T, F>(&self, creds: Option<Creds>, f: F) -> Result<T, Errno>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        if self.umask_zero {
+            self.quick(creds, f).await
+        } else {
+            self.run(creds, f).await
+        }
     }
 }
 
@@ -765,7 +786,7 @@ impl FsServer {
         let (pfd, mount) = self.node(parent)?;
         let (fd, st) = self
             .pool
-            .run(Some(creds), move || {
+            .creating(Some(creds), move || {
                 let c = sys::cstr(&name)?;
                 make(pfd.as_raw_fd(), &c)?;
                 Self::lookup_at(pfd.as_raw_fd(), &name)
@@ -1028,20 +1049,41 @@ impl FsServer {
                 flags,
             } => {
                 let (pfd, mount) = self.node(parent)?;
-                let (file, pfd2, st) = pool
-                    .run(Some(creds), move || {
+                let create = move |nonblock: bool| {
+                    let pfd = pfd.clone();
+                    let name = name.clone();
+                    move || {
                         let c = sys::cstr(&name)?;
+                        let extra = if nonblock { libc::O_NONBLOCK } else { 0 };
                         let f = sys::openat2(
                             pfd.as_raw_fd(),
                             &c,
-                            flags | libc::O_CREAT | libc::O_NOFOLLOW,
+                            flags | extra | libc::O_CREAT | libc::O_NOFOLLOW,
                             mode & !umask & 0o7777,
                             sys::RESOLVE_STRICT,
                         )?;
+                        if nonblock && flags & libc::O_NONBLOCK == 0 {
+                            sys::set_fl(f.as_raw_fd(), flags & !libc::O_CREAT)?;
+                        }
                         let (node_fd, st) = Self::lookup_at(pfd.as_raw_fd(), &name)?;
                         Ok((f, node_fd, st))
-                    })
-                    .await?;
+                    }
+                };
+                // On the runtime thread, an open must not block: O_NONBLOCK (dropped again
+                // once open) keeps a FIFO that appeared since the kernel's lookup from
+                // blocking; such a FIFO (ENXIO: no reader yet) is opened on the pool instead.
+                let quick = if pool.umask_zero {
+                    match pool.quick(Some(creds.clone()), create(true)).await {
+                        Err(Errno(libc::ENXIO)) => None,
+                        r => Some(r),
+                    }
+                } else {
+                    None
+                };
+                let (file, pfd2, st) = match quick {
+                    Some(r) => r?,
+                    None => pool.run(Some(creds), create(false)).await?,
+                };
                 let entry = self.register(pfd2, &st, mount);
                 let fh = self.add_handle(file, mount);
                 Ok(Response::Created {

@@ -419,6 +419,21 @@ pub fn set_thread_creds(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// The process umask, from /proc/self/status (reading it with umask(2) would change it for
+/// a moment under every other thread).
+pub fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
+}
+
+/// fcntl(F_SETFL): replaces the file status flags (O_APPEND, O_NONBLOCK, ...).
+pub fn set_fl(fd: RawFd, flags: i32) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; F_SETFL ignores access-mode and creation bits.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) })?;
+    Ok(())
+}
+
 /// Gives this thread its own umask and cwd (CLONE_FS) and sets the umask to 0, so the
 /// client's mode bits (already masked by the DPU kernel) apply unchanged on the HOST.
 pub fn private_fs_umask_zero() -> io::Result<()> {

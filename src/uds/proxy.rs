@@ -107,10 +107,16 @@ pub enum UdsError {
 pub fn bind_request_socket(path: &Path, mode: u32) -> Result<UnixListener, UdsError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| UdsError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        // Explicit mode: the engine runs with umask 0.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| UdsError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {

@@ -434,6 +434,10 @@ async fn bind_unix(path: &Path) -> io::Result<Listener> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| with_context(e, format!("cannot bind unix://{}", path.display())))?;
+    // Owner only, whatever the umask (the engine runs with 0): the handshake authenticates,
+    // but other local users have no business connecting at all.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| with_context(e, format!("chmod 0600 unix://{}", path.display())))?;
     let meta = std::fs::metadata(path)?;
     Ok(Listener {
         inner: ListenerInner::Unix {
