@@ -1012,6 +1012,9 @@ async fn send_with_fds(
         }
     };
     conn.wrote_local(sent);
+    if sent == data.len() {
+        return Ok(());
+    }
     let mut rest = VecDeque::from([data.slice(sent..)]);
     write_all_vectored(sock, &mut rest, conn).await
 }
@@ -1021,7 +1024,14 @@ async fn write_all_vectored(
     pending: &mut VecDeque<Bytes>,
     conn: &ConnGuard,
 ) -> io::Result<()> {
-    while !pending.is_empty() {
+    loop {
+        // An empty chunk would make a zero-byte write look like no progress, forever.
+        while pending.front().is_some_and(Bytes::is_empty) {
+            pending.pop_front();
+        }
+        if pending.is_empty() {
+            break;
+        }
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let k = pending.len().min(MAX_IOV);
         for (slot, b) in iov.iter_mut().zip(pending.iter()) {
