@@ -432,14 +432,14 @@ fn proc_fd(fd: &OwnedFd) -> String {
 /// (`socket:[1234]`, `anon_inode:[eventfd]`, a path).
 fn describe(fd: &OwnedFd, mode: u32) -> String {
     let kind = match SFlag::from_bits_truncate(mode) & SFlag::S_IFMT {
-        SFlag::S_IFSOCK => "socket",
-        SFlag::S_IFCHR => "character device",
-        SFlag::S_IFBLK => "block device",
-        SFlag::S_IFDIR => "directory",
-        SFlag::S_IFLNK => "symbolic link",
-        SFlag::S_IFIFO => "pipe",
-        SFlag::S_IFREG => "regular file",
-        _ => "anonymous inode",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFIFO => "a pipe",
+        SFlag::S_IFREG => "a regular file",
+        _ => "an anonymous inode",
     };
     let name = nix::fcntl::readlink(proc_fd(fd).as_str())
         .map(|n| n.to_string_lossy().into_owned())
@@ -450,7 +450,7 @@ fn describe(fd: &OwnedFd, mode: u32) -> String {
 fn unsupported(what: &str, why: &str) -> RemoteError {
     RemoteError::new(
         libc::EOPNOTSUPP,
-        format!("a {what} was passed (SCM_RIGHTS) over a proxied connection: {why}; only pipes, FIFOs and regular files on shared paths can cross machines"),
+        format!("{what} was passed (SCM_RIGHTS) over a proxied connection: {why}; only pipes, FIFOs and regular files on shared paths can cross machines"),
     )
 }
 
