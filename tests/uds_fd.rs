@@ -435,6 +435,35 @@ fn sockets_eventfds_and_unlisted_files_are_refused_with_a_clear_error() {
     }
 }
 
+/// Server: passes the read end of a pipe the moment it accepts, before reading anything.
+fn pass_at_once(c: UnixStream) {
+    let (r, mut w) = pipe();
+    if send_fds(&c, b"P", &[r.as_raw_fd()]).is_err() {
+        return;
+    }
+    drop(r);
+    let _ = w.write_all(b"at once");
+}
+
+#[test]
+fn server_passing_right_after_accept_reaches_the_client() {
+    require_namespaces!();
+    let p = start_pair();
+    let remote = serve(&p, "now.sock", pass_at_once);
+    // The attach races the opening side's registration of the connection: repeat.
+    for i in 0..20 {
+        let c = connect(&p, &remote);
+        let mut buf = [0u8; 4];
+        let (n, fds) = recv_fds(&c, &mut buf).unwrap_or_else(|e| panic!("round {i}: {e}"));
+        assert_eq!((n, fds.len()), (1, 1), "round {i}\n{}", p.host.log());
+        let mut got = String::new();
+        std::fs::File::from(fds.into_iter().next().unwrap())
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "at once");
+    }
+}
+
 #[test]
 fn hundred_pipe_passes_leak_no_descriptor() {
     require_namespaces!();

@@ -43,6 +43,10 @@ use crate::allowlist::{ListType, SharedAllowlist};
 use crate::daemon::peer::PeerManager;
 use crate::wire::{CallError, IncomingStream, Link, RemoteError, StreamReader, StreamWriter};
 
+/// How long an attach waits for its connection to be registered (the opening side learns
+/// the token from the Accept, and the peer may attach right after sending it); an attach
+/// for a connection that has ended fails after this.
+const REGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Read size of a pipe pump (a default pipe holds 64 KiB).
 const PIPE_CHUNK: usize = 64 * 1024;
 
@@ -110,6 +114,10 @@ pub struct FdState {
     inboxes: Mutex<HashMap<(bool, u64), Arc<Inbox>>>,
     /// Receiver-side pipe ends created for an [`OP_PIPE`] stream, until an attach takes them.
     pending: Mutex<HashMap<u64, OwnedFd>>,
+    /// Signalled on every inbox registration (an attach may race its connection's
+    /// registration on the opening side: the opener learns the token from the Accept, and
+    /// the peer may attach as soon as it has sent that Accept).
+    registered: tokio::sync::Notify,
     passed: AtomicU64,
     received: AtomicU64,
     refused: AtomicU64,
@@ -149,6 +157,7 @@ impl FdState {
         let inbox = Arc::new(Inbox::default());
         let key = (accepted_here, token);
         lock(&self.inboxes).insert(key, inbox.clone());
+        self.registered.notify_waiters();
         InboxGuard {
             state: self.clone(),
             key,
@@ -170,14 +179,21 @@ impl FdState {
     /// The peer's [`OP_ATTACH`] call: turns each described descriptor into a local one and
     /// queues them on the connection's inbox. Any failure refuses the whole attach (the
     /// sender ends the connection with this errno).
-    pub fn attach(&self, allowlist: &SharedAllowlist, a: Attach) -> Result<(), RemoteError> {
+    pub async fn attach(&self, allowlist: &SharedAllowlist, a: Attach) -> Result<(), RemoteError> {
         let key = (!a.senders_token, a.token);
-        let inbox = lock(&self.inboxes).get(&key).cloned().ok_or_else(|| {
-            RemoteError::new(
-                libc::ENOTCONN,
-                "descriptors attached to a connection that has ended",
-            )
-        })?;
+        let deadline = tokio::time::Instant::now() + REGISTER_WAIT;
+        let inbox = loop {
+            let registered = self.registered.notified();
+            if let Some(i) = lock(&self.inboxes).get(&key).cloned() {
+                break i;
+            }
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                return Err(RemoteError::new(
+                    libc::ENOTCONN,
+                    "descriptors attached to a connection that has ended",
+                ));
+            }
+        };
         let mut fds = Vec::with_capacity(a.fds.len());
         for spec in a.fds {
             let fd = match spec {

@@ -417,6 +417,9 @@ impl UdsProxy {
                 return;
             }
         };
+        // Registered before anything else: the peer may attach descriptors as soon as it
+        // has accepted.
+        let inbox = token.map(|t| self.registry.fd.register(false, t));
         let conn = self.registry.register(&req.path, req.kind, true);
         tracing::debug!(client = %who, path = %path_text, kind = req.kind.as_str(), id = conn.conn.id, "outbound connection");
         let result = if req.kind.is_packet() {
@@ -457,7 +460,6 @@ impl UdsProxy {
                 accepted_here: false,
                 state: self.registry.fd.clone(),
             };
-            let inbox = token.map(|t| self.registry.fd.register(false, t));
             pump_stream(sock, r, w, &conn, fd, inbox.as_ref().map(|g| &*g.inbox)).await
         };
         self.ended(&conn, result);
@@ -551,7 +553,7 @@ impl Service for UdsProxy {
             let a = Attach::decode(&payload)
                 .map_err(|e| RemoteError::new(libc::EINVAL, e.to_string()))?;
             // Reopening files is a few short syscalls; pipes only move a map entry.
-            fd.attach(&allowlist, a)?;
+            fd.attach(&allowlist, a).await?;
             Ok(Bytes::new())
         })
     }
