@@ -7,6 +7,7 @@
 //! - [`proxy`]: the proxy shared with the engine's built-in peer.
 //! - [`proto`]: request, reply and record formats.
 //! - [`connect`]: `dpuctl uds-connect`, stdin/stdout bridged to a remote socket.
+//! - [`fdpass`]: descriptors passed over proxied connections (pipes, regular files).
 //!
 //! Concurrency: the peer manager and the request-socket server run as tasks until the
 //! daemon's shutdown token fires; each proxied connection is one task (see [`proxy`]).
@@ -15,6 +16,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 pub mod connect;
+pub mod fdpass;
 pub mod proto;
 pub mod proxy;
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,10 @@
 //!   back (the LD_PRELOAD shim in `shim/` speaks the same bytes and keeps its own copy of
 //!   these constants: a golden-bytes test here pins them);
 //! - **records**: datagram and seqpacket messages travel in stream data as a u32 big-endian
-//!   length followed by the message, so their boundaries survive the byte stream.
+//!   length followed by the message, so their boundaries survive the byte stream;
+//! - **fd passing** (docs/udsproxyd.md §fd passing): the connection token in a connect
+//!   stream's Accept, the [`OP_PIPE`] stream that carries a passed pipe, and the [`Attach`]
+//!   call ([`OP_ATTACH`]) that hands descriptors to the receiver at a byte offset.
 //!
 //! Everything here is plain functions on byte slices; no I/O and no shared state.
 
@@ -17,6 +20,16 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Stream-open `op` on the peer link: connect to a Unix socket on the peer.
 pub const OP_CONNECT: u16 = 1;
+
+/// Stream-open `op` on the peer link: a passed pipe or FIFO, carried as a byte stream.
+/// Open payload: one [`PipeDir`] byte; Accept payload: the pipe id (u64 big-endian).
+pub const OP_PIPE: u16 = 2;
+/// Call `op` on the peer link: attach descriptors to bytes of a proxied connection
+/// ([`Attach`]). The answer is empty, or an Error whose errno ends the connection.
+pub const OP_ATTACH: u16 = 1;
+/// Most descriptors one message may carry (the kernel's SCM_MAX_FD is 253; ours is the
+/// control buffer we read with).
+pub const MAX_FDS: usize = 32;
 
 /// Magic of a local request.
 pub const REQUEST_MAGIC: &[u8; 4] = b"UDSP";
@@ -124,6 +137,211 @@ pub enum ProtoError {
     /// A record longer than [`MAX_RECORD`].
     #[error("message of {0} bytes exceeds the {MAX_RECORD}-byte limit")]
     RecordTooLarge(usize),
+    /// An attach message that does not parse.
+    #[error("malformed fd attach message: {0}")]
+    BadAttach(&'static str),
+}
+
+/// Which way the bytes of a passed pipe flow, seen from the side that received the
+/// descriptor from its local client (the opener of the [`OP_PIPE`] stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeDir {
+    /// The client passed a **read end**: the opener reads it and sends the bytes; the far
+    /// receiver gets the read end of a new pipe the far daemon fills (byte 1).
+    ToReceiver,
+    /// The client passed a **write end**: the far receiver gets the write end of a new pipe,
+    /// the far daemon sends what it reads from it, and the opener writes it here (byte 2).
+    FromReceiver,
+}
+
+impl PipeDir {
+    /// The open payload byte.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            PipeDir::ToReceiver => 1,
+            PipeDir::FromReceiver => 2,
+        }
+    }
+
+    /// Parses the open payload byte.
+    pub fn from_u8(b: u8) -> Option<PipeDir> {
+        match b {
+            1 => Some(PipeDir::ToReceiver),
+            2 => Some(PipeDir::FromReceiver),
+            _ => None,
+        }
+    }
+}
+
+/// One descriptor of an [`Attach`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdSpec {
+    /// A pipe already opened as an [`OP_PIPE`] stream; `id` is from its Accept.
+    Pipe {
+        /// The direction of the stream (says which end the receiver gets).
+        dir: PipeDir,
+        /// The pipe id the receiver chose.
+        id: u64,
+    },
+    /// A regular file to reopen at the same path.
+    File {
+        /// `O_ACCMODE` bits plus `O_APPEND`, Linux values.
+        flags: u32,
+        /// The file offset (lseek SEEK_CUR) when it was passed.
+        offset: u64,
+        /// The absolute path (readlink of /proc/self/fd/N).
+        path: PathBuf,
+    },
+}
+
+/// Kind byte of an [`FdSpec::Pipe`] receiving a read end.
+const FD_PIPE_READ: u8 = 1;
+/// Kind byte of an [`FdSpec::Pipe`] receiving a write end.
+const FD_PIPE_WRITE: u8 = 2;
+/// Kind byte of an [`FdSpec::File`].
+const FD_FILE: u8 = 3;
+/// Fixed part of an [`Attach`].
+const ATTACH_HEADER: usize = 24;
+
+/// "Hand these descriptors to the local receiver together with the `len` stream bytes that
+/// follow the first `offset` bytes of connection `token`" ([`OP_ATTACH`]). The sender waits
+/// for the answer before it sends those bytes, so the receiver always knows of an attach
+/// before its bytes arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// True when the token was chosen by the sender of this call (it accepted the
+    /// connection); false when chosen by the receiver (byte 1 / 0 on the wire).
+    pub senders_token: bool,
+    /// The connection token (from the connect stream's Accept payload).
+    pub token: u64,
+    /// Stream bytes of the sender's direction before the carrying bytes.
+    pub offset: u64,
+    /// Number of bytes the descriptors came with (at least 1).
+    pub len: u32,
+    /// The descriptors, in the order the client sent them (1..=[`MAX_FDS`]).
+    pub fds: Vec<FdSpec>,
+}
+
+impl Attach {
+    /// The call payload.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(ATTACH_HEADER + 64 * self.fds.len());
+        b.put_u8(u8::from(self.senders_token));
+        b.put_u8(self.fds.len() as u8);
+        b.put_u16(0);
+        b.put_u64(self.token);
+        b.put_u64(self.offset);
+        b.put_u32(self.len);
+        for fd in &self.fds {
+            match fd {
+                FdSpec::Pipe { dir, id } => {
+                    b.put_u8(match dir {
+                        PipeDir::ToReceiver => FD_PIPE_READ,
+                        PipeDir::FromReceiver => FD_PIPE_WRITE,
+                    });
+                    b.put_u64(*id);
+                }
+                FdSpec::File {
+                    flags,
+                    offset,
+                    path,
+                } => {
+                    let p = path.as_os_str().as_bytes();
+                    b.put_u8(FD_FILE);
+                    b.put_u32(*flags);
+                    b.put_u64(*offset);
+                    b.put_u16(p.len() as u16);
+                    b.put_slice(p);
+                }
+            }
+        }
+        b.freeze()
+    }
+
+    /// Parses and checks an attach payload.
+    pub fn decode(mut b: &[u8]) -> Result<Attach, ProtoError> {
+        if b.len() < ATTACH_HEADER {
+            return Err(ProtoError::Short(b.len()));
+        }
+        let senders_token = match b.get_u8() {
+            0 => false,
+            1 => true,
+            _ => return Err(ProtoError::BadAttach("token owner must be 0 or 1")),
+        };
+        let count = usize::from(b.get_u8());
+        if count == 0 || count > MAX_FDS {
+            return Err(ProtoError::BadAttach("descriptor count must be 1..=32"));
+        }
+        b.advance(2);
+        let token = b.get_u64();
+        let offset = b.get_u64();
+        let len = b.get_u32();
+        if len == 0 {
+            return Err(ProtoError::BadAttach("descriptors need at least one byte"));
+        }
+        let mut fds = Vec::with_capacity(count);
+        for _ in 0..count {
+            if b.is_empty() {
+                return Err(ProtoError::BadAttach("truncated descriptor"));
+            }
+            match b.get_u8() {
+                k @ (FD_PIPE_READ | FD_PIPE_WRITE) => {
+                    if b.len() < 8 {
+                        return Err(ProtoError::BadAttach("truncated pipe"));
+                    }
+                    let dir = if k == FD_PIPE_READ {
+                        PipeDir::ToReceiver
+                    } else {
+                        PipeDir::FromReceiver
+                    };
+                    fds.push(FdSpec::Pipe {
+                        dir,
+                        id: b.get_u64(),
+                    });
+                }
+                FD_FILE => {
+                    if b.len() < 14 {
+                        return Err(ProtoError::BadAttach("truncated file"));
+                    }
+                    let flags = b.get_u32();
+                    let offset = b.get_u64();
+                    let n = usize::from(b.get_u16());
+                    if b.len() < n {
+                        return Err(ProtoError::BadAttach("truncated file path"));
+                    }
+                    let path = check_path(&b[..n])?;
+                    b.advance(n);
+                    fds.push(FdSpec::File {
+                        flags,
+                        offset,
+                        path,
+                    });
+                }
+                _ => return Err(ProtoError::BadAttach("unknown descriptor kind")),
+            }
+        }
+        if !b.is_empty() {
+            return Err(ProtoError::BadAttach("trailing bytes"));
+        }
+        Ok(Attach {
+            senders_token,
+            token,
+            offset,
+            len,
+            fds,
+        })
+    }
+}
+
+/// A u64 answer payload (connection token, pipe id), big-endian.
+pub fn encode_id(id: u64) -> Bytes {
+    Bytes::copy_from_slice(&id.to_be_bytes())
+}
+
+/// Parses a u64 answer payload; `None` when it is not 8 bytes (an older peer's empty
+/// Accept: it does not take part in fd passing).
+pub fn decode_id(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 
 /// "Connect me to `path` with a socket of type `kind`", as sent on the peer link.
@@ -380,6 +598,49 @@ mod tests {
             Err(ProtoError::BadType(9))
         );
         assert_eq!(ConnectRequest::decode(b""), Err(ProtoError::Short(0)));
+    }
+
+    #[test]
+    fn golden_attach() {
+        let a = Attach {
+            senders_token: true,
+            token: 0x0102_0304_0506_0708,
+            offset: 5,
+            len: 3,
+            fds: vec![
+                FdSpec::Pipe {
+                    dir: PipeDir::FromReceiver,
+                    id: 9,
+                },
+                FdSpec::File {
+                    flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
+                    offset: 42,
+                    path: "/tmp/f".into(),
+                },
+            ],
+        };
+        let b = a.encode();
+        let want: &[u8] = b"\x01\x02\x00\x00\x01\x02\x03\x04\x05\x06\x07\x08\
+            \x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00\x03\
+            \x02\x00\x00\x00\x00\x00\x00\x00\x09\
+            \x03\x00\x00\x04\x01\x00\x00\x00\x00\x00\x00\x00\x2a\x00\x06/tmp/f";
+        assert_eq!(&b[..], want);
+        assert_eq!(Attach::decode(&b).unwrap(), a);
+        // Every truncation is refused, never a panic.
+        for n in 0..b.len() {
+            assert!(Attach::decode(&b[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut zero = b.to_vec();
+        zero[1] = 0;
+        assert!(Attach::decode(&zero).is_err());
+        let mut rel = b.to_vec();
+        let at = rel.len() - 6;
+        rel[at] = b't';
+        assert!(Attach::decode(&rel).is_err(), "relative path refused");
+        assert_eq!(decode_id(&encode_id(7)), Some(7));
+        assert_eq!(decode_id(b""), None);
+        assert_eq!(PipeDir::from_u8(2), Some(PipeDir::FromReceiver));
+        assert_eq!(PipeDir::from_u8(0), None);
     }
 
     #[test]

@@ -14,19 +14,22 @@
 //!   a large `BytesMut` whose filled part is split off and sent as one frame (no copy, no
 //!   per-message allocation); writes gather every queued chunk into one `writev`.
 //!   Datagram/seqpacket messages travel as records (proto.rs).
-//! - **Descriptors**: every read is a `recvmsg` so SCM_RIGHTS cannot be dropped silently:
-//!   a descriptor passed over a proxied connection ends that connection with EOPNOTSUPP, logged
-//!   with the reason (docs/udsproxyd.md §fd passing).
+//! - **Descriptors**: every read is a `recvmsg` so SCM_RIGHTS cannot be dropped silently.
+//!   On a stream connection the descriptors are translated ([`super::fdpass`]) before their
+//!   bytes are sent, and the down pump passes the local equivalents with the same bytes
+//!   (`sendmsg` at the same stream offset); what cannot be translated, and any descriptor
+//!   on a dgram/seqpacket connection, ends the connection with EOPNOTSUPP, logged
+//!   (docs/udsproxyd.md §fd passing).
 //!
 //! Concurrency: the [`Registry`] of live connections is one mutex held for map inserts and
 //! removes only; byte counters are atomics. Flow control is the link's per-stream credit.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -37,9 +40,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::fdpass::{FdCtx, FdState, Inbox, LinkSource};
 use super::proto::{
-    take_record, ConnectRequest, LocalRequest, Reply, SockType, FLAG_FALLBACK, OP_CONNECT,
-    REQUEST_HEADER,
+    decode_id, encode_id, take_record, Attach, ConnectRequest, LocalRequest, Reply, SockType,
+    FLAG_FALLBACK, MAX_FDS, OP_ATTACH, OP_CONNECT, OP_PIPE, REQUEST_HEADER,
 };
 use crate::allowlist::{ListType, SharedAllowlist};
 use crate::daemon::peer::PeerManager;
@@ -159,6 +163,8 @@ pub struct Registry {
     failed: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// fd passing: inboxes, pending pipe ends, counters.
+    fd: Arc<FdState>,
 }
 
 struct Conn {
@@ -255,7 +261,7 @@ impl Registry {
     /// `connections_total`, `connections_active`, `connections_refused`, ... for status.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        BTreeMap::from([
+        let mut m = BTreeMap::from([
             ("connections_total".to_string(), get(&self.total)),
             ("connections_outbound".to_string(), get(&self.outbound)),
             ("connections_inbound".to_string(), get(&self.inbound)),
@@ -264,7 +270,14 @@ impl Registry {
             ("connections_failed".to_string(), get(&self.failed)),
             ("bytes_in".to_string(), get(&self.bytes_in)),
             ("bytes_out".to_string(), get(&self.bytes_out)),
-        ])
+        ]);
+        m.extend(
+            self.fd
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        m
     }
 }
 
@@ -278,6 +291,9 @@ pub struct UdsProxy {
     registry: Arc<Registry>,
     /// Bounds inbound connects in progress (module docs).
     connecting: Arc<Semaphore>,
+    /// The peer manager, known once [`UdsProxy::serve_requests`] runs: inbound connections
+    /// use its link to forward descriptors (the service is not told the link).
+    peer: Arc<OnceLock<PeerManager>>,
 }
 
 impl UdsProxy {
@@ -287,6 +303,7 @@ impl UdsProxy {
             allowlist,
             registry: Arc::new(Registry::default()),
             connecting: Arc::new(Semaphore::new(MAX_CONNECTING)),
+            peer: Arc::new(OnceLock::new()),
         })
     }
 
@@ -311,6 +328,7 @@ impl UdsProxy {
         peer: PeerManager,
         shutdown: CancellationToken,
     ) {
+        let _ = self.peer.set(peer.clone());
         loop {
             let sock = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -377,8 +395,8 @@ impl UdsProxy {
         let opened =
             tokio::time::timeout(CONNECT_TIMEOUT, link.open_stream(OP_CONNECT, open.encode()))
                 .await;
-        let (r, w) = match opened {
-            Ok(Ok((_, r, w))) => (r, w),
+        let (token, r, w) = match opened {
+            Ok(Ok((accepted, r, w))) => (decode_id(&accepted), r, w),
             Ok(Err(e)) => {
                 let errno = match &e {
                     CallError::Remote(re) => re.errno,
@@ -405,6 +423,9 @@ impl UdsProxy {
                 return;
             }
         };
+        // Registered before anything else: the peer may attach descriptors as soon as it
+        // has accepted.
+        let inbox = token.map(|t| self.registry.fd.register(false, t));
         let conn = self.registry.register(&req.path, req.kind, true);
         tracing::debug!(client = %who, path = %path_text, kind = req.kind.as_str(), id = conn.conn.id, "outbound connection");
         let result = if req.kind.is_packet() {
@@ -439,7 +460,13 @@ impl UdsProxy {
                 tracing::debug!(error = %e, "client left before the reply");
                 return;
             }
-            pump_stream(sock, r, w, &conn).await
+            let fd = FdCtx {
+                link: LinkSource::Fixed(link),
+                token,
+                accepted_here: false,
+                state: self.registry.fd.clone(),
+            };
+            pump_stream(sock, r, w, &conn, fd, inbox.as_ref().map(|g| &*g.inbox)).await
         };
         self.ended(&conn, result);
     }
@@ -487,11 +514,26 @@ impl UdsProxy {
                 return;
             }
         };
-        let (r, w) = stream.accept(Bytes::new());
+        // The connection token names this connection in the peer's attach calls; random,
+        // so a token of a connection from before a reconnect can never match a new one.
+        let token = match local {
+            Local::Stream(_) => getrandom::u64().ok(),
+            Local::Packet(..) => None,
+        };
+        let inbox = token.map(|t| self.registry.fd.register(true, t));
+        let (r, w) = stream.accept(token.map(encode_id).unwrap_or_default());
         let conn = self.registry.register(&path, req.kind, false);
         tracing::debug!(path = %path_text, kind = req.kind.as_str(), id = conn.conn.id, "inbound connection");
         let result = match local {
-            Local::Stream(s) => pump_stream(s, r, w, &conn).await,
+            Local::Stream(s) => {
+                let fd = FdCtx {
+                    link: LinkSource::Peer(self.peer.clone()),
+                    token,
+                    accepted_here: true,
+                    state: self.registry.fd.clone(),
+                };
+                pump_stream(s, r, w, &conn, fd, inbox.as_ref().map(|g| &*g.inbox)).await
+            }
             Local::Packet(fd, kind) => pump_packets(fd, kind, r, w, &conn).await,
         };
         self.ended(&conn, result);
@@ -504,16 +546,29 @@ enum Local {
 }
 
 impl Service for UdsProxy {
-    fn call(&self, op: u16, _payload: Bytes) -> BoxFuture<'static, Result<Bytes, RemoteError>> {
+    fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, RemoteError>> {
+        let fd = self.registry.fd.clone();
+        let allowlist = self.allowlist.clone();
         Box::pin(async move {
-            Err(RemoteError::new(
-                libc::ENOSYS,
-                format!("udsproxyd serves streams only, not op {op}"),
-            ))
+            if op != OP_ATTACH {
+                return Err(RemoteError::new(
+                    libc::ENOSYS,
+                    format!("udsproxyd serves no call op {op}"),
+                ));
+            }
+            let a = Attach::decode(&payload)
+                .map_err(|e| RemoteError::new(libc::EINVAL, e.to_string()))?;
+            // Reopening files is a few short syscalls; pipes only move a map entry.
+            fd.attach(&allowlist, a).await?;
+            Ok(Bytes::new())
         })
     }
 
     fn open_stream(&self, op: u16, payload: Bytes, stream: IncomingStream) {
+        if op == OP_PIPE {
+            self.registry.fd.accept_pipe(&payload, stream);
+            return;
+        }
         if op != OP_CONNECT {
             stream.refuse(RemoteError::new(
                 libc::ENOSYS,
@@ -532,6 +587,7 @@ impl Service for UdsProxy {
             allowlist: self.allowlist.clone(),
             registry: self.registry.clone(),
             connecting: self.connecting.clone(),
+            peer: self.peer.clone(),
         };
         tokio::spawn(Arc::new(me).inbound(req, stream));
     }
@@ -624,7 +680,7 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// Registers a socket with the reactor.
-fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+pub(super) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is a valid open descriptor that stays open, and keeps returning the
     // same number, until the AsyncFd that now owns it drops it.
     Ok(unsafe { AsyncFd::register(fd) }?)
@@ -636,22 +692,24 @@ fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 /// What one `recvmsg` got.
 struct Received {
     n: usize,
-    /// Descriptors arrived (and were closed) or were cut off (MSG_CTRUNC).
-    fds: bool,
+    /// Descriptors that came with the bytes (now ours).
+    fds: Vec<OwnedFd>,
+    /// More descriptors came than fit (MSG_CTRUNC): the kernel closed the rest.
+    ctrunc: bool,
     /// A message longer than the buffer (MSG_TRUNC).
     truncated: bool,
 }
 
-/// `recvmsg` into the spare capacity of `buf` (non-blocking), closing any descriptors that
-/// came along.
+/// `recvmsg` into the spare capacity of `buf` (non-blocking), taking ownership of any
+/// descriptors that came along.
 fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<Received> {
     let spare = buf.spare_capacity_mut();
     let mut iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
         iov_len: spare.len(),
     };
-    // Room for 32 descriptors; u64 for cmsghdr alignment.
-    let mut control = [0u64; 20];
+    // Room for MAX_FDS (32) descriptors; u64 for cmsghdr alignment.
+    let mut control = [0u64; 4 + MAX_FDS / 2];
     // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control" value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -665,19 +723,20 @@ fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<Received> {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    let mut fds = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    let ctrunc = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    let mut fds = Vec::new();
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
-    // msg_controllen; each SCM_RIGHTS payload is an array of ints we now own and close.
+    // msg_controllen; each SCM_RIGHTS payload is an array of descriptors the kernel just
+    // installed for us, which nothing else owns.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                fds = true;
                 let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
                 let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
                     / std::mem::size_of::<libc::c_int>();
                 for i in 0..count {
-                    libc::close(std::ptr::read_unaligned(data.add(i)));
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
                 }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
@@ -688,15 +747,20 @@ fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<Received> {
     Ok(Received {
         n,
         fds,
+        ctrunc,
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
     })
 }
 
-fn fd_refused() -> RemoteError {
-    tracing::warn!("a file descriptor was passed (SCM_RIGHTS) over a proxied connection: descriptors cannot cross machines, so the connection is ended");
+fn fd_refused(kind: SockType) -> RemoteError {
+    tracing::warn!(
+        kind = kind.as_str(),
+        "a file descriptor was passed (SCM_RIGHTS) over a proxied {} connection: descriptors cross machines only on stream connections, so the connection is ended",
+        kind.as_str()
+    );
     RemoteError::new(
         libc::EOPNOTSUPP,
-        "a file descriptor was passed (SCM_RIGHTS) over a proxied connection; descriptors cannot cross machines",
+        format!("a file descriptor was passed (SCM_RIGHTS) over a proxied {} connection; descriptors cross machines only on stream connections", kind.as_str()),
     )
 }
 
@@ -705,11 +769,13 @@ async fn pump_stream(
     mut r: StreamReader,
     mut w: StreamWriter,
     conn: &ConnGuard,
+    fd: FdCtx,
+    inbox: Option<&Inbox>,
 ) -> Result<(), RemoteError> {
     let stop = CancellationToken::new();
     let (up, down) = {
-        let up = stream_up(&sock, &mut w, conn);
-        let down = stream_down(&sock, &mut r, conn);
+        let up = stream_up(&sock, &mut w, conn, &fd);
+        let down = stream_down(&sock, &mut r, conn, inbox);
         join_both(&stop, up, down).await
     };
     finish(w, up, down)
@@ -787,8 +853,11 @@ async fn stream_up(
     sock: &UnixStream,
     w: &mut StreamWriter,
     conn: &ConnGuard,
+    fd: &FdCtx,
 ) -> Result<(), RemoteError> {
     let mut buf = BytesMut::with_capacity(BUF);
+    // Bytes sent so far: the offset an attach names.
+    let mut sent: u64 = 0;
     loop {
         if buf.capacity() - buf.len() < BUF / 4 {
             // Reclaims the same allocation once the frames sent from it are written.
@@ -797,13 +866,17 @@ async fn stream_up(
         sock.readable().await?;
         let got = sock.try_io(Interest::READABLE, || recv_into(sock.as_raw_fd(), &mut buf));
         match got {
-            Ok(rcv) if rcv.fds => return Err(fd_refused()),
-            Ok(rcv) if rcv.n == 0 => {
+            Ok(rcv) if rcv.n == 0 && rcv.fds.is_empty() && !rcv.ctrunc => {
                 w.finish().await?;
                 return Ok(());
             }
             Ok(rcv) => {
+                if !rcv.fds.is_empty() || rcv.ctrunc {
+                    // The peer holds the equivalents before it sees the bytes (fdpass.rs).
+                    fd.forward(sent, rcv.n, rcv.fds, rcv.ctrunc).await?;
+                }
                 conn.read_local(rcv.n);
+                sent += rcv.n as u64;
                 w.send(buf.split().freeze()).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -816,37 +889,142 @@ async fn stream_down(
     sock: &UnixStream,
     r: &mut StreamReader,
     conn: &ConnGuard,
+    inbox: Option<&Inbox>,
 ) -> Result<(), RemoteError> {
     let mut pending: VecDeque<Bytes> = VecDeque::with_capacity(MAX_IOV);
-    loop {
+    // Bytes in `pending`, and bytes written to the socket so far (attach offsets count them).
+    let mut queued: usize = 0;
+    let mut delivered: u64 = 0;
+    let mut fin = false;
+    while !fin {
         match r.recv().await? {
-            Some(b) => pending.push_back(b),
-            None => break,
+            Some(b) => {
+                queued += b.len();
+                pending.push_back(b);
+            }
+            None => fin = true,
         }
-        let mut fin = false;
-        let mut gathered = pending.iter().map(Bytes::len).sum::<usize>();
-        while pending.len() < MAX_IOV && gathered < MAX_GATHER {
+        while !fin && pending.len() < MAX_IOV && queued < MAX_GATHER {
             match r.try_recv() {
                 Some(Ok(Some(b))) => {
-                    gathered += b.len();
+                    queued += b.len();
                     pending.push_back(b);
                 }
-                Some(Ok(None)) => {
-                    fin = true;
-                    break;
-                }
+                Some(Ok(None)) => fin = true,
                 Some(Err(e)) => return Err(e),
                 None => break,
             }
         }
-        write_all_vectored(sock, &mut pending, conn).await?;
-        if fin {
-            break;
+        loop {
+            // Descriptors due within the queued bytes? (Their attach always arrives first.)
+            let due = inbox
+                .and_then(Inbox::front)
+                .filter(|(off, _)| *off < delivered + queued as u64);
+            let Some((off, len)) = due else {
+                let n = queued;
+                write_all_vectored(sock, &mut pending, conn).await?;
+                delivered += n as u64;
+                queued = 0;
+                break;
+            };
+            if off < delivered {
+                return Err(RemoteError::new(
+                    libc::EPROTO,
+                    "descriptors attached to bytes already delivered",
+                ));
+            }
+            if off > delivered {
+                let n = (off - delivered) as usize;
+                let mut head = take_prefix(&mut pending, n);
+                write_all_vectored(sock, &mut head, conn).await?;
+                delivered += n as u64;
+                queued -= n;
+                continue;
+            }
+            if queued < len {
+                // The rest of the carrying bytes is still on its way.
+                break;
+            }
+            let head = take_prefix(&mut pending, len);
+            let mut bytes = BytesMut::with_capacity(len);
+            for b in &head {
+                bytes.extend_from_slice(b);
+            }
+            let Some(d) = inbox.and_then(Inbox::pop) else {
+                break;
+            };
+            send_with_fds(sock, bytes.freeze(), &d.fds, conn).await?;
+            // Our copies close here; the local peer holds its own.
+            drop(d);
+            delivered += len as u64;
+            queued -= len;
         }
+    }
+    if queued > 0 {
+        return Err(RemoteError::new(
+            libc::EPROTO,
+            "the stream ended inside bytes that carry descriptors",
+        ));
     }
     // The peer finished: pass the half-close on.
     let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     Ok(())
+}
+
+/// Moves the first `n` bytes of `pending` (split at a chunk boundary if needed, no copy).
+fn take_prefix(pending: &mut VecDeque<Bytes>, n: usize) -> VecDeque<Bytes> {
+    let mut out = VecDeque::new();
+    let mut left = n;
+    while left > 0 {
+        let Some(front) = pending.front_mut() else {
+            break;
+        };
+        if front.len() <= left {
+            left -= front.len();
+            if let Some(b) = pending.pop_front() {
+                out.push_back(b);
+            }
+        } else {
+            out.push_back(front.split_to(left));
+            left = 0;
+        }
+    }
+    out
+}
+
+/// Writes `data` with `fds` attached (SCM_RIGHTS) to its first byte's `sendmsg`, the rest
+/// (if the socket took only part) plainly.
+async fn send_with_fds(
+    sock: &UnixStream,
+    data: Bytes,
+    fds: &[OwnedFd],
+    conn: &ConnGuard,
+) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let sent = loop {
+        sock.writable().await?;
+        let r = sock.try_io(Interest::WRITABLE, || {
+            nix::sys::socket::sendmsg::<()>(
+                sock.as_raw_fd(),
+                &[IoSlice::new(&data)],
+                &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match r {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    conn.wrote_local(sent);
+    if sent == data.len() {
+        return Ok(());
+    }
+    let mut rest = VecDeque::from([data.slice(sent..)]);
+    write_all_vectored(sock, &mut rest, conn).await
 }
 
 async fn write_all_vectored(
@@ -854,7 +1032,14 @@ async fn write_all_vectored(
     pending: &mut VecDeque<Bytes>,
     conn: &ConnGuard,
 ) -> io::Result<()> {
-    while !pending.is_empty() {
+    loop {
+        // An empty chunk would make a zero-byte write look like no progress, forever.
+        while pending.front().is_some_and(Bytes::is_empty) {
+            pending.pop_front();
+        }
+        if pending.is_empty() {
+            break;
+        }
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let k = pending.len().min(MAX_IOV);
         for (slot, b) in iov.iter_mut().zip(pending.iter()) {
@@ -909,8 +1094,8 @@ async fn packet_up(
             batch.put_u32(0);
             match guard.try_io(|inner| recv_into(inner.as_raw_fd(), &mut batch)) {
                 Ok(Ok(rcv)) => {
-                    if rcv.fds {
-                        return Err(fd_refused());
+                    if !rcv.fds.is_empty() || rcv.ctrunc {
+                        return Err(fd_refused(kind));
                     }
                     if rcv.truncated {
                         return Err(RemoteError::new(
