@@ -49,18 +49,19 @@ fn host_args_of(port: &str, key: &Path, wl: &Path) -> Vec<String> {
     .collect()
 }
 
-/// HOST allows `/run/allowed`; the DPU routes `/run/allowed` and `/run/redis.sock`.
+/// HOST allows `/run/allowed`; the DPU routes `/run/allowed`, `/run/redis.sock` and the
+/// PostgreSQL socket directory `/run/postgresql`.
 fn start_pair() -> Pair {
     let scratch = Scratch::new();
     let key = scratch.key("psk");
     let uds_port = common::free_port().to_string();
     let host_wl = scratch.write(
         "host-whitelist",
-        "[Mount]\nPath=/tmp\n[Udsconnect]\nPath=/run/allowed;/run/redis.sock\n",
+        "[Mount]\nPath=/tmp\n[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql\n",
     );
     let dpu_wl = scratch.write(
         "dpu-whitelist",
-        "[Udsconnect]\nPath=/run/allowed;/run/redis.sock\n",
+        "[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql\n",
     );
     let args = host_args_of(&uds_port, &key, &host_wl);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -569,16 +570,17 @@ fn shim() -> Option<PathBuf> {
     so.exists().then_some(so)
 }
 
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 #[test]
 fn shim_lets_redis_cli_reach_a_host_redis() {
     require_namespaces!();
-    let have = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
     if !have("redis-server") || !have("redis-cli") {
         eprintln!("SKIPPED shim_lets_redis_cli_reach_a_host_redis: redis-server/redis-cli are not installed (apt-get install -y redis-server redis-tools)");
         return;
@@ -655,4 +657,116 @@ fn shim_lets_redis_cli_reach_a_host_redis() {
             text(&out)
         );
     }
+}
+
+/// PostgreSQL's server programs (initdb, pg_ctl, postgres), from the Debian layout.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|d| d.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+#[test]
+fn shim_lets_psql_and_pgbench_reach_a_host_postgresql() {
+    require_namespaces!();
+    let Some(pg) = postgres_bin() else {
+        eprintln!("SKIPPED shim_lets_psql_and_pgbench_reach_a_host_postgresql: PostgreSQL is not installed (apt-get install -y postgresql)");
+        return;
+    };
+    if !have("runuser") {
+        eprintln!("SKIPPED shim_lets_psql_and_pgbench_reach_a_host_postgresql: runuser (util-linux) is missing");
+        return;
+    }
+    let Some(so) = shim() else {
+        panic!("libudsproxy.so was not built: run `cargo build` at the workspace root");
+    };
+    let p = start_pair();
+    // A throw-away cluster on the HOST side's private /run, reachable only through its socket
+    // directory; it lives in the side's pid namespace and dies with it.
+    let pg = s(&pg);
+    let setup = format!(
+        "set -e
+        mkdir -p /run/pgdata /run/postgresql
+        chown postgres /run/pgdata /run/postgresql
+        runuser -u postgres -- {pg}/initdb -D /run/pgdata -A trust -U postgres >/dev/null
+        runuser -u postgres -- {pg}/pg_ctl -D /run/pgdata -l /run/pgdata/server.log -w \\
+            -o \"-c listen_addresses='' -c unix_socket_directories=/run/postgresql -c fsync=off\" start >/dev/null
+        runuser -u postgres -- {pg}/createdb -h /run/postgresql bench
+        runuser -u postgres -- {pg}/pgbench -h /run/postgresql -i -q -s 1 bench 2>/dev/null"
+    );
+    let host_pid = p.host.daemon_pid().unwrap().to_string();
+    let out = Command::new("nsenter")
+        .args([
+            "--target", &host_pid, "--mount", "--pid", "sh", "-c", &setup,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PostgreSQL setup failed: {}",
+        text(&out)
+    );
+
+    let preload = format!("LD_PRELOAD={} ", s(&so));
+    let psql = "psql -h /run/postgresql -U postgres -d bench -At -c";
+    let digest = "\"select count(*), sum(abalance), md5(string_agg(aid::text || ':' || abalance, ',' order by aid)) from pgbench_accounts\"";
+    let direct = |what: &str| {
+        let out = p.host.sh(&format!("{psql} {what}"));
+        assert!(out.status.success(), "direct psql: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let proxied = |what: &str| {
+        let out = p.dpu.sh(&format!("{preload}{psql} {what}"));
+        assert!(
+            out.status.success(),
+            "psql through the shim: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The DPU has no PostgreSQL socket of its own: without the shim psql cannot connect.
+    let out = p.dpu.sh(&format!("{psql} 'select 1'"));
+    assert!(
+        !out.status.success(),
+        "psql reached a server without the shim: {}",
+        text(&out)
+    );
+
+    assert_eq!(proxied("'select 1'"), "1");
+    let before = direct(digest);
+    assert!(before.starts_with("100000|0|"), "{before}");
+    assert_eq!(proxied(digest), before);
+
+    // Writes and reads from many clients through the shim; the HOST sees exactly the result.
+    let out = p.dpu.sh(&format!(
+        "{preload}pgbench -h /run/postgresql -U postgres -n -c 4 -j 2 -t 200 -N bench"
+    ));
+    let report = text(&out);
+    assert!(
+        out.status.success(),
+        "pgbench -N through the shim: {report}"
+    );
+    assert!(
+        report.contains("number of transactions actually processed: 800/800"),
+        "{report}"
+    );
+    let after = direct(digest);
+    assert_ne!(after, before, "pgbench's updates did not reach the HOST");
+    assert_eq!(proxied(digest), after);
+    let out = p.dpu.sh(&format!(
+        "{preload}pgbench -h /run/postgresql -U postgres -n -S -c 8 -j 2 -T 2 bench"
+    ));
+    let report = text(&out);
+    assert!(
+        out.status.success(),
+        "pgbench -S through the shim: {report}"
+    );
+    assert!(
+        report.contains("number of failed transactions: 0"),
+        "{report}"
+    );
 }
