@@ -7,8 +7,9 @@
 #   bench/rexec.sh               REPS=3 by default; REPS=1 RUNS=20 for a quick look
 #   SHARED=/path/to/shared/bench bench/rexec.sh
 #
-# Targets: local, ssh, ssh-mux (from run_all.sh), rexec-tcp, rexec-uds. The servers run with
-# --log-level warn and a fresh key; everything stays on 127.0.0.1.
+# Targets: local, ssh, ssh-mux (from run_all.sh), rexec-tcp, rexec-uds (the server's Unix socket),
+# rexec-udsproxyd (that socket reached through udsproxyd and the engine, as from a DPU). The
+# daemons run with --log-level warn and a fresh key; everything stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,9 +28,9 @@ export ANCHOR_DIR=${ANCHOR_DIR:-/tmp/dpuctl-bench}
 export RESULTS=${RESULTS:-$ANCHOR_DIR/results.jsonl}
 mkdir -p "$ANCHOR_DIR"
 WORK=$(mktemp -d /tmp/dpuctl-rexec-bench.XXXXXX)
-SERVER_PID=
+SERVER_PID= ENGINE_PID= PROXY_PID=
 cleanup() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+  for p in $PROXY_PID $ENGINE_PID $SERVER_PID; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -43,19 +44,46 @@ export REXEC_RUN_DIR=$WORK/rexec-run
 SERVER_PID=$!
 for _ in $(seq 100); do [ -S "$REXEC_RUN_DIR/rexec_uds.sock" ] && break; sleep 0.05; done
 
+# Over udsproxyd, as on a DPU: the engine (HOST, built-in peer) runs in a private mount
+# namespace whose $VIEW holds the server's socket; outside it $VIEW is empty, so the client's
+# connect fails locally (ENOENT) and goes through the local udsproxyd, over TCP 127.0.0.1, to
+# the engine, which connects to rexec_server.
+VIEW=/run/dpuctl-rexec-host
+mkdir -p "$VIEW"
+printf '[Mount]\nPath=/nonexistent\n[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/host-whitelist"
+printf '[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/dpu-whitelist"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UDS_PORT=$(port)
+unshare --mount --propagation private sh -c '
+  mount -t tmpfs -o mode=0755 tmpfs "$1" && ln -s "$2" "$1/rexec_uds.sock" && shift 2 && exec "$@"' \
+  sh "$VIEW" "$REXEC_RUN_DIR/rexec_uds.sock" \
+  "$BIN" engine --listen "tcp://127.0.0.1:$(port)" --uds-listen "tcp://127.0.0.1:$UDS_PORT" \
+  --key "$WORK/psk" --whitelist "$WORK/host-whitelist" --run-dir "$WORK/host-run" \
+  --log-level warn 2>"$WORK/engine.log" &
+ENGINE_PID=$!
+"$BIN" udsproxyd --listen "" --peer "tcp://127.0.0.1:$UDS_PORT" --key "$WORK/psk" \
+  --whitelist "$WORK/dpu-whitelist" --run-dir "$WORK/dpu-run" --log-level warn 2>"$WORK/udsproxyd.log" &
+PROXY_PID=$!
+for _ in $(seq 100); do
+  "$BIN" status --json --run-dir "$WORK/dpu-run" 2>/dev/null | grep -q '"connected"' && break; sleep 0.1
+done
+export UDSPROXY_REQUEST_SOCKET=$WORK/dpu-run/remote_uds.sock
+
 TCP="$WORK/rexec --server tcp://127.0.0.1:$PORT --key $WORK/psk --"
 UDS="$WORK/rexec --"
+PROXIED="$WORK/rexec --server unix://$VIEW/rexec_uds.sock --"
+$PROXIED true || { cat "$WORK"/*.log >&2; echo "bench: rexec through udsproxyd failed" >&2; exit 1; }
 
-echo "== 100 concurrent rexec true (tcp and uds)" >&2
-for prefix in "$TCP" "$UDS"; do
+echo "== 100 concurrent rexec true (tcp, uds, udsproxyd)" >&2
+for prefix in "$TCP" "$UDS" "$PROXIED"; do
   fails=0
   pids=()
   for _ in $(seq 100); do $prefix true & pids+=($!); done
   for p in "${pids[@]}"; do wait "$p" || fails=$((fails + 1)); done
-  echo "   ${prefix%% *} ... : $fails of 100 failed" >&2
+  echo "   ${prefix#$WORK/} : $fails of 100 failed" >&2
   [ "$fails" = 0 ] || { echo "bench: concurrent sessions failed" >&2; exit 1; }
 done
 
-EXTRA_EXEC="rexec-tcp=$TCP;rexec-uds=$UDS" "$SHARED/run_all.sh" exec
+EXTRA_EXEC="rexec-tcp=$TCP;rexec-uds=$UDS;rexec-udsproxyd=$PROXIED" "$SHARED/run_all.sh" exec
 echo
 python3 "$SHARED/summarize.py" "$RESULTS" --bench exec --base local

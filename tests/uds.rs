@@ -49,19 +49,19 @@ fn host_args_of(port: &str, key: &Path, wl: &Path) -> Vec<String> {
     .collect()
 }
 
-/// HOST allows `/run/allowed`; the DPU routes `/run/allowed`, `/run/redis.sock` and the
-/// PostgreSQL socket directory `/run/postgresql`.
+/// HOST allows `/run/allowed`; the DPU routes `/run/allowed`, `/run/redis.sock`, the
+/// PostgreSQL socket directory `/run/postgresql` and rexec's `/var/run/rexec`.
 fn start_pair() -> Pair {
     let scratch = Scratch::new();
     let key = scratch.key("psk");
     let uds_port = common::free_port().to_string();
     let host_wl = scratch.write(
         "host-whitelist",
-        "[Mount]\nPath=/tmp\n[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql\n",
+        "[Mount]\nPath=/tmp\n[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql;/var/run/rexec\n",
     );
     let dpu_wl = scratch.write(
         "dpu-whitelist",
-        "[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql\n",
+        "[Udsconnect]\nPath=/run/allowed;/run/redis.sock;/run/postgresql;/var/run/rexec\n",
     );
     let args = host_args_of(&uds_port, &key, &host_wl);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -769,4 +769,79 @@ fn shim_lets_psql_and_pgbench_reach_a_host_postgresql() {
         report.contains("number of failed transactions: 0"),
         "{report}"
     );
+}
+
+#[test]
+fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
+    require_namespaces!();
+    let p = start_pair();
+    // rexec_server on its default Unix socket, inside the HOST's namespaces.
+    let host_pid = p.host.daemon_pid().unwrap().to_string();
+    let mut server = Command::new("nsenter")
+        .args(["--target", &host_pid, "--mount", "--pid"])
+        .arg(common::bin())
+        .args(["rexec_server", "--whitelist", "/nonexistent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !inside(&p.host, "/run/rexec/rexec_uds.sock").exists() {
+        assert!(Instant::now() < deadline, "rexec_server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The DPU has no rexec_server: the client's connect fails locally and goes to udsproxyd.
+    // The program runs on the HOST (its /run holds the server's socket).
+    let o = p.dpu.sh(
+        "echo through | $DPUCTL rexec /bin/sh -c 'cat; test -S /var/run/rexec/rexec_uds.sock && echo on-host; exit 7'; echo rc=$?",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "through\non-host\nrc=7\n",
+        "{}",
+        text(&o)
+    );
+    // A megabyte each way keeps its bytes.
+    let o = p.dpu.sh(
+        "head -c 1048576 /dev/urandom > /tmp/rx.in; $DPUCTL rexec cat < /tmp/rx.in | cmp - /tmp/rx.in && echo same",
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("same"),
+        "{}",
+        text(&o)
+    );
+    // SIGTERM to the DPU-side client ends the HOST-side program.
+    let o = p
+        .dpu
+        .sh("$DPUCTL rexec sleep 4343 & sleep 0.5; kill -TERM $!; wait $!; echo rc=$?");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("rc=143"),
+        "{}",
+        text(&o)
+    );
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = String::from_utf8_lossy(&p.host.sh("pgrep -f 'sleep 4343' || true").stdout)
+            .into_owned();
+        if left.trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(left.trim().is_empty(), "sleep left on the HOST: {left}");
+    // A directory this side does not route stays a local error, with what to do.
+    let o = p
+        .dpu
+        .sh("REXEC_RUN_DIR=/run/elsewhere $DPUCTL rexec true; echo rc=$?");
+    let out = text(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("rc=255"),
+        "{out}"
+    );
+    assert!(
+        out.contains("qtcfg -w udsconnect -x /run/elsewhere"),
+        "{out}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -97,12 +97,10 @@ pub enum ClientError {
         addr: String,
         source: crate::wire::AddrError,
     },
-    #[error(
-        "cannot connect to rexec_server at {addr}: {source} (is rexec_server running there{hint}?)"
-    )]
+    #[error("cannot connect to rexec_server at {addr}: {source} ({hint})")]
     Connect {
         addr: String,
-        hint: &'static str,
+        hint: String,
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -231,21 +229,25 @@ fn target(a: &ClientArgs) -> Result<Addr, ClientError> {
 /// Connects and authenticates.
 async fn connect(a: &ClientArgs) -> Result<Stream, ClientError> {
     let addr = target(a)?;
-    let hint = match addr {
-        Addr::Unix(_) => ", or udsproxyd on a DPU",
-        _ => " and reachable",
-    };
-    let mut stream =
-        addr.connect(a.connect_timeout)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_string(),
-                hint,
-                source,
-            })?;
-    if matches!(addr, Addr::Unix(_)) {
-        return Ok(stream);
+    let connected = addr.connect(a.connect_timeout).await;
+    if let Addr::Unix(path) = &addr {
+        return match connected {
+            Ok(stream) => Ok(stream),
+            Err(local) => match local.raw_os_error() {
+                Some(libc::ENOENT | libc::ECONNREFUSED) => via_udsproxyd(a, path, local),
+                _ => Err(ClientError::Connect {
+                    addr: addr.to_string(),
+                    hint: "is rexec_server running there?".into(),
+                    source: local,
+                }),
+            },
+        };
     }
+    let mut stream = connected.map_err(|source| ClientError::Connect {
+        addr: addr.to_string(),
+        hint: "is rexec_server running there and reachable?".into(),
+        source,
+    })?;
     let (config, _) = crate::config::Config::load(a.config.as_deref())?;
     let auth = if a.insecure || config.common.insecure {
         tracing::warn!("insecure mode: this rexec connection is NOT authenticated");
@@ -268,6 +270,70 @@ async fn connect(a: &ClientArgs) -> Result<Stream, ClientError> {
         source,
     })?;
     Ok(stream)
+}
+
+/// The local Unix socket is missing or refuses: as the LD_PRELOAD shim would, ask the local
+/// udsproxyd to connect to the same path on the other machine. It routes the request only when
+/// the path is on this machine's udsconnect allowlist (`qtcfg -w udsconnect -x /var/run/rexec`,
+/// as the deployment guides say), so a missing local server stays a local error otherwise.
+/// The exchange with udsproxyd is a short blocking one, done before anything else runs.
+fn via_udsproxyd(
+    a: &ClientArgs,
+    path: &std::path::Path,
+    local: std::io::Error,
+) -> Result<Stream, ClientError> {
+    use crate::uds::connect::{connect_remote, ConnectError};
+    let request_socket = std::env::var_os("UDSPROXY_REQUEST_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| match crate::config::Config::load(a.config.as_deref()) {
+            Ok((c, _)) => c.udsproxyd.request_socket_path(&c.common.run_dir),
+            Err(_) => crate::uds::connect::default_request_socket(),
+        });
+    let addr = format!("unix://{}", path.display());
+    let local_error = |hint: String| ClientError::Connect {
+        addr: addr.clone(),
+        hint,
+        source: std::io::Error::from_raw_os_error(local.raw_os_error().unwrap_or(libc::ENOENT)),
+    };
+    let kind = crate::uds::proto::SockType::Stream;
+    match connect_remote(
+        &request_socket,
+        kind,
+        path,
+        crate::uds::proto::FLAG_FALLBACK,
+    ) {
+        Ok(fd) => {
+            tracing::debug!(path = %path.display(), "connected through udsproxyd");
+            let std = std::os::unix::net::UnixStream::from(fd);
+            std.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std))
+                .map(Stream::Unix)
+                .map_err(|source| ClientError::Io {
+                    what: "using the socket from udsproxyd",
+                    source,
+                })
+        }
+        Err(ConnectError::RequestSocket { .. }) => Err(local_error(format!(
+            "is rexec_server running there, or udsproxyd (request socket {}) on a DPU?",
+            request_socket.display()
+        ))),
+        Err(ConnectError::NotRouted) => Err(local_error(format!(
+            "no rexec_server here, and udsproxyd does not route this path to the other \
+             machine; to route it: qtcfg -w udsconnect -x {}",
+            path.parent().unwrap_or(path).display()
+        ))),
+        Err(ConnectError::Refused { errno, message }) => Err(ClientError::Connect {
+            addr: format!("{addr} on the other machine (through udsproxyd)"),
+            hint: format!("{message}; is rexec_server running there?"),
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+        Err(e) => Err(ClientError::Connect {
+            addr: format!("{addr} through udsproxyd"),
+            hint: "is udsproxyd healthy? see dpuctl status".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
 }
 
 /// The Start message for this process.
@@ -373,6 +439,10 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
     let stdin_tty = std::io::stdin().is_terminal();
     let tty = !a.no_tty && (a.tty || (stdin_tty && std::io::stdout().is_terminal()));
     let start = start_message(a, tty);
+    // The output thread starts while we connect: it has no side effects until data arrives.
+    let (ctrl_tx, mut ctrl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctrl>();
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Out>(4);
+    let output_done = spawn_output_thread(out_rx, ctrl_tx.clone());
     let stream = connect(a).await?;
     let (rd, mut wr) = stream.into_split();
     Msg::Start(Box::new(start))
@@ -409,11 +479,16 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
         None
     };
 
-    let (ctrl_tx, mut ctrl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctrl>();
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Out>(4);
-    let output = spawn_output_thread(out_rx, ctrl_tx.clone());
-    let (stdin_rx, recycle) = spawn_stdin_thread();
-    let mut stdin_rx = Some(stdin_rx);
+    let (mut stdin_rx, recycle) = if stdin_is_empty() {
+        // /dev/null or closed: end of file at once, without a reader thread. A failed
+        // write is not an error yet: the program may have finished already, and its Exit
+        // (or the reason the server went away) is on its way to the reader.
+        let _ = Msg::StdinEof.write_to(&mut wr).await;
+        (None, None)
+    } else {
+        let (rx, recycle) = spawn_stdin_thread();
+        (Some(rx), Some(recycle))
+    };
     let reader_ctrl = ctrl_tx.clone();
     tokio::spawn(async move {
         let ctrl = reader_ctrl;
@@ -499,7 +574,9 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
                         buf[..HEADER_LEN].copy_from_slice(&data_header(op::STDIN, len));
                         let r = wr.write_all(&buf[..HEADER_LEN + len]).await;
                         inflight += len as u64;
-                        let _ = recycle.send(buf);
+                        if let Some(recycle) = &recycle {
+                            let _ = recycle.send(buf);
+                        }
                         r
                     }
                     None => {
@@ -515,7 +592,7 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
         }
     };
     // Output first: everything the program wrote reaches our stdout before we exit.
-    let _ = tokio::task::spawn_blocking(move || output.join()).await;
+    let _ = output_done.await;
     if let Some(r) = raw.as_mut() {
         r.restore();
     }
@@ -593,12 +670,22 @@ fn spawn_stdin_thread() -> (
     (rx, recycle_tx)
 }
 
-/// Writes stdout/stderr in a thread. A broken stdout is reported once (the server then
-/// closes the program's stdout, so it sees EPIPE/SIGPIPE as it would locally).
+/// True when stdin is /dev/null or not open: reading it could only give end of file.
+fn stdin_is_empty() -> bool {
+    match nix::sys::stat::fstat(std::io::stdin().as_fd()) {
+        Err(_) => true,
+        Ok(st) => (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3),
+    }
+}
+
+/// Writes stdout/stderr in a thread; the returned receiver completes when everything was
+/// written. A broken stdout is reported once (the server then closes the program's stdout,
+/// so it sees EPIPE/SIGPIPE as it would locally).
 fn spawn_output_thread(
     mut rx: tokio::sync::mpsc::Receiver<Out>,
     ctrl: tokio::sync::mpsc::UnboundedSender<Ctrl>,
-) -> std::thread::JoinHandle<()> {
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let body = move || {
         let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
         let (mut out_ok, mut err_ok) = (true, true);
@@ -618,14 +705,14 @@ fn spawn_output_thread(
                 }
             }
         }
+        let _ = done_tx.send(());
     };
     match std::thread::Builder::new()
         .name("rexec-output".into())
         .spawn(body)
     {
-        Ok(h) => h,
-        // Without a thread there is no way to write output; run the loop inline in a
-        // thread-less fallback is impossible, so report through the join handle of a no-op.
+        Ok(_) => done_rx,
+        // Without a thread there is no way to write output.
         Err(e) => {
             eprintln!("rexec: cannot start the output thread: {e}");
             std::process::exit(255);

@@ -34,7 +34,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::proto::{self, data_header, op, ExitStatus, Msg, Start, CHUNK, STDIN_WINDOW};
+use super::proto::{self, data_header, op, ExitStatus, Msg, Rlimit, Start, CHUNK, STDIN_WINDOW};
 use super::pty::{self, PtyMaster};
 use super::whitelist::{self, Whitelist};
 use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
@@ -461,28 +461,33 @@ async fn run_program(
             .stderr(std::process::Stdio::piped())
             .process_group(0);
     }
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (umask, setrlimit, setsid, ioctl); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(umask as libc::mode_t);
-            for r in &rlimits {
-                let lim = libc::rlimit {
-                    rlim_cur: r.soft as libc::rlim_t,
-                    rlim_max: r.hard as libc::rlim_t,
-                };
-                // Best effort: raising above this server's hard limit fails; the program
-                // then runs with the server's limit, as the client could not have had more.
-                libc::setrlimit(r.resource as _, &lim);
-            }
-            if tty {
-                // A new session whose controlling terminal is the pty on stdin.
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
+    // Without a pre-exec hook std spawns with posix_spawn (vfork semantics), much cheaper
+    // than fork from this multi-threaded server; the hook is added only when the client's
+    // umask or limits differ from what the child would inherit anyway.
+    if tty || !inherits(umask, &rlimits) {
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (umask, setrlimit, setsid, ioctl); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask as libc::mode_t);
+                for r in &rlimits {
+                    let lim = libc::rlimit {
+                        rlim_cur: r.soft as libc::rlim_t,
+                        rlim_max: r.hard as libc::rlim_t,
+                    };
+                    // Best effort: raising above this server's hard limit fails; the program
+                    // then runs with the server's limit, as the client could not have had more.
+                    libc::setrlimit(r.resource as _, &lim);
                 }
-            }
-            Ok(())
-        });
+                if tty {
+                    // A new session whose controlling terminal is the pty on stdin.
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -740,6 +745,21 @@ fn deliver_signal(pid: u32, signo: i32, pty: Option<&PtyMaster>) {
     if let Err(e) = r {
         tracing::debug!(pid, signal = %sig, error = %e, "forwarding a signal failed");
     }
+}
+
+/// True when a child spawned from this thread would already have `umask` and `rlimits`.
+fn inherits(umask: u32, rlimits: &[Rlimit]) -> bool {
+    crate::fs::sys::thread_umask() == Some(umask)
+        && rlimits.iter().all(|r| {
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit to the valid, exclusive pointer.
+            (unsafe { libc::getrlimit(r.resource as _, &mut now) } == 0)
+                && now.rlim_cur == r.soft
+                && now.rlim_max == r.hard
+        })
 }
 
 /// SIGTERM to the program's process group, then SIGKILL after `grace` if anything remains.

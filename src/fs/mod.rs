@@ -24,7 +24,7 @@ pub mod mount;
 pub mod proto;
 pub mod server;
 pub mod stats;
-mod sys;
+pub(crate) mod sys;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

@@ -422,7 +422,17 @@ pub fn set_thread_creds(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
 /// The process umask, from /proc/self/status (reading it with umask(2) would change it for
 /// a moment under every other thread).
 pub fn process_umask() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    umask_in("/proc/self/status")
+}
+
+/// The calling thread's umask (threads that unshared CLONE_FS have their own), which is what
+/// a child spawned from this thread inherits.
+pub fn thread_umask() -> Option<u32> {
+    umask_in("/proc/thread-self/status")
+}
+
+fn umask_in(status_file: &str) -> Option<u32> {
+    let status = std::fs::read_to_string(status_file).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok()
 }
