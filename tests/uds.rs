@@ -226,6 +226,58 @@ fn stream_bytes_both_ways_half_close_and_status() {
     assert_eq!(counter(&p.host, "engine", "connections_inbound"), 1);
 }
 
+/// A server that answers and closes while the client is still writing (rexec_server after a
+/// program's exit does this): the answer and the end of file reach the client whole, however
+/// much the client still sends, and neither daemon counts the connection as failed.
+#[test]
+fn server_that_answers_and_closes_early_loses_no_answer() {
+    require_namespaces!();
+    let p = start_pair();
+    let path = inside(&p.host, "/run/allowed/early.sock");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let l = UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut first = [0u8; 6];
+            if c.read_exact(&mut first).is_ok() {
+                let _ = c.write_all(b"answer:");
+                let _ = c.write_all(&first);
+            }
+            // Closed with the client's later bytes unread.
+        }
+    });
+    for round in 0..20 {
+        let fd = connect(&p, SockType::Stream, "/run/allowed/early.sock").expect("connect");
+        let mut c = UnixStream::from(fd);
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(b"hello!");
+            // Keeps writing after the server is gone: these bytes have nowhere to go.
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..32 {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut got = Vec::new();
+        c.read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(got, b"answer:hello!", "round {round}");
+        writer.join().unwrap();
+    }
+    p.dpu.wait_status("all connections gone", CONNECT, |st| {
+        st["daemons"][0]["connections"]
+            .as_array()
+            .map_or(true, |c| c.is_empty())
+    });
+    for log in [p.dpu.log(), p.host.log()] {
+        assert!(!log.contains("ended with an error"), "{log}");
+    }
+}
+
 #[test]
 fn dgram_and_seqpacket_keep_message_boundaries() {
     require_namespaces!();

@@ -880,8 +880,37 @@ async fn stream_up(
                 w.send(buf.split().freeze()).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // Linux reports ECONNRESET once the queued bytes are read when the local side
+            // closed with unread data (see stream_down): it is gone, and everything it wrote
+            // was read, so the far side gets a clean end of file.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                w.finish().await?;
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// How delivering the far side's bytes to the local socket ended early.
+enum DownError {
+    /// The local side no longer reads (it closed, with or without unread data).
+    LocalGone(io::Error),
+    /// The stream or the link failed.
+    Stream(RemoteError),
+}
+
+impl From<RemoteError> for DownError {
+    fn from(e: RemoteError) -> DownError {
+        DownError::Stream(e)
+    }
+}
+
+/// A failed write to the local socket: the local side is gone, or something else went wrong.
+fn local_write(e: io::Error) -> DownError {
+    match e.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET) => DownError::LocalGone(e),
+        _ => DownError::Stream(e.into()),
     }
 }
 
@@ -891,6 +920,28 @@ async fn stream_down(
     conn: &ConnGuard,
     inbox: Option<&Inbox>,
 ) -> Result<(), RemoteError> {
+    match deliver_down(sock, r, conn, inbox).await {
+        Ok(()) => Ok(()),
+        Err(DownError::Stream(e)) => Err(e),
+        Err(DownError::LocalGone(e)) => {
+            // A server that answered and closed while the far side was still writing (a
+            // client's last "bye"): what the far side still sends has nowhere to go, as a
+            // socket whose peer shut down reading. Discard it until the far side finishes,
+            // and do not fail the connection, so the other direction (the local side's last
+            // bytes and its end of file) still reaches the far side whole.
+            tracing::debug!(id = conn.conn.id, error = %e, "local side stopped reading; discarding the rest");
+            while r.recv().await?.is_some() {}
+            Ok(())
+        }
+    }
+}
+
+async fn deliver_down(
+    sock: &UnixStream,
+    r: &mut StreamReader,
+    conn: &ConnGuard,
+    inbox: Option<&Inbox>,
+) -> Result<(), DownError> {
     let mut pending: VecDeque<Bytes> = VecDeque::with_capacity(MAX_IOV);
     // Bytes in `pending`, and bytes written to the socket so far (attach offsets count them).
     let mut queued: usize = 0;
@@ -911,7 +962,7 @@ async fn stream_down(
                     pending.push_back(b);
                 }
                 Some(Ok(None)) => fin = true,
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
                 None => break,
             }
         }
@@ -922,7 +973,9 @@ async fn stream_down(
                 .filter(|(off, _)| *off < delivered + queued as u64);
             let Some((off, len)) = due else {
                 let n = queued;
-                write_all_vectored(sock, &mut pending, conn).await?;
+                write_all_vectored(sock, &mut pending, conn)
+                    .await
+                    .map_err(local_write)?;
                 delivered += n as u64;
                 queued = 0;
                 break;
@@ -931,12 +984,15 @@ async fn stream_down(
                 return Err(RemoteError::new(
                     libc::EPROTO,
                     "descriptors attached to bytes already delivered",
-                ));
+                )
+                .into());
             }
             if off > delivered {
                 let n = (off - delivered) as usize;
                 let mut head = take_prefix(&mut pending, n);
-                write_all_vectored(sock, &mut head, conn).await?;
+                write_all_vectored(sock, &mut head, conn)
+                    .await
+                    .map_err(local_write)?;
                 delivered += n as u64;
                 queued -= n;
                 continue;
@@ -953,7 +1009,9 @@ async fn stream_down(
             let Some(d) = inbox.and_then(Inbox::pop) else {
                 break;
             };
-            send_with_fds(sock, bytes.freeze(), &d.fds, conn).await?;
+            send_with_fds(sock, bytes.freeze(), &d.fds, conn)
+                .await
+                .map_err(local_write)?;
             // Our copies close here; the local peer holds its own.
             drop(d);
             delivered += len as u64;
@@ -964,7 +1022,8 @@ async fn stream_down(
         return Err(RemoteError::new(
             libc::EPROTO,
             "the stream ended inside bytes that carry descriptors",
-        ));
+        )
+        .into());
     }
     // The peer finished: pass the half-close on.
     let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
