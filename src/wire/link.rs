@@ -11,12 +11,18 @@
 //! - **writer**: drains a bounded queue into a `BufWriter`, writing every frame that is
 //!   already queued and flushing once the queue is empty, so bursts of small frames leave in
 //!   one write. A write that makes no progress for `dead_after` closes the link.
+//!   **Bypass**: when both queues are empty and the writer is idle (its lock is free), a
+//!   sender appends its frame to the buffer itself and tries one non-blocking flush, saving
+//!   the hand-off to the writer task; what the socket does not take stays buffered and the
+//!   writer is woken to finish it. The bypass never awaits (a cancelled caller cannot leave
+//!   half a frame) and takes only frames that fit in the buffer; a count of queued frames,
+//!   uncounted by the writer under the same lock, keeps every sender's frames in order.
 //! - **keepalive**: a Ping every `keepalive`, which also measures the round-trip time.
 //!
 //! Shared state lives in `Inner` behind an `Arc`: the pending-call table and close reason
 //! under one mutex (so a call can never register after the close drained the table), the
-//! table of running handlers under another, counters as atomics. Locks are never held across
-//! an `.await`. Closing is idempotent: the first reason wins, pending calls fail at once with
+//! table of running handlers under another, counters as atomics. Those locks are never held
+//! across an `.await`; the write half's async lock is, by the writer task only. Closing is idempotent: the first reason wins, pending calls fail at once with
 //! [`CallError::Closed`], handlers are aborted, and the tasks stop.
 //!
 //! A link lives until [`Link::close`], the peer leaving, or a protocol error; dropping every
@@ -37,7 +43,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::io;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -370,6 +376,27 @@ struct Inner {
     /// Cancelled when the link closes; every task selects on it.
     closed: CancellationToken,
     stats: Counters,
+    /// The transport's write half, shared by the writer task and the bypass (module docs).
+    /// `None` until the tasks start.
+    wr: tokio::sync::Mutex<Option<BufWriter<BoxedWrite>>>,
+    /// Frames in the two queues: counted before a frame is queued, uncounted by the writer
+    /// under `wr` once the frame is in the buffer. The bypass writes only when it is 0.
+    queued: AtomicUsize,
+    /// Wakes the writer to finish a flush the bypass could not complete.
+    flush_needed: tokio::sync::Notify,
+}
+
+type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Uncounts a frame in [`Inner::queued`] unless it reached a queue.
+struct QueuedGuard<'a>(&'a AtomicUsize, bool);
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -392,6 +419,9 @@ struct Counters {
     requests_out: AtomicU64,
     /// Last RTT in nanoseconds; 0 = never measured.
     rtt_nanos: AtomicU64,
+    /// Frames written by the bypass and by the writer task (tests check both paths run).
+    frames_bypassed: AtomicU64,
+    frames_queued: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,10 +537,81 @@ impl Inner {
     }
 
     async fn send(&self, frame: Frame) -> Result<(), CallError> {
+        if self.bypass(&frame) {
+            return Ok(());
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let mut counted = QueuedGuard(&self.queued, false);
         tokio::select! {
-            r = self.out.send(frame) => r.map_err(|_| CallError::Closed(self.close_reason())),
+            r = self.out.send(frame) => {
+                counted.1 = r.is_ok();
+                r.map_err(|_| CallError::Closed(self.close_reason()))
+            }
             _ = self.closed.cancelled() => Err(CallError::Closed(self.close_reason())),
         }
+    }
+
+    /// Queues a control frame (credit, accept, refuse, reset), ahead of queued data.
+    fn send_ctrl(&self, frame: Frame) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.ctrl.send(frame).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Writes `frame` from the calling task when nothing is queued, the writer is idle and the
+    /// frame fits in the write buffer: one task hand-off less per message. Appending to the
+    /// buffer never waits, and the flush is tried once; what the socket does not take stays
+    /// in the buffer for the writer task. Nothing here awaits, so cancelling the caller can
+    /// never leave half a frame. Returns false when the frame must be queued instead.
+    fn bypass(&self, frame: &Frame) -> bool {
+        if self.queued.load(Ordering::SeqCst) != 0 || self.closed.is_cancelled() {
+            return false;
+        }
+        let Ok(mut guard) = self.wr.try_lock() else {
+            return false;
+        };
+        // Checked again under the lock: the writer uncounts frames only while holding it.
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let Some(w) = guard.as_mut() else {
+            return false;
+        };
+        let len = HEADER_LEN + frame.payload.len();
+        if w.buffer().len() + len > WRITE_BUF {
+            return false;
+        }
+        let header = frame.header().encode();
+        // Both fit in the buffer, so BufWriter copies them without touching the socket.
+        let appended = w
+            .write_all(&header)
+            .now_or_never()
+            .is_some_and(|r| r.is_ok())
+            && w.write_all(&frame.payload)
+                .now_or_never()
+                .is_some_and(|r| r.is_ok());
+        if !appended {
+            drop(guard);
+            self.close(
+                CloseKind::Fault,
+                "internal error: a bypass write did not fit".into(),
+            );
+            return true;
+        }
+        self.stats
+            .bytes_out
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.stats.frames_bypassed.fetch_add(1, Ordering::Relaxed);
+        match w.flush().now_or_never() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                drop(guard);
+                self.close(CloseKind::Fault, format!("write failed: {e}"));
+            }
+            None => self.flush_needed.notify_one(),
+        }
+        true
     }
 
     async fn ping(&self, wait: Duration) -> Result<Duration, CallError> {
@@ -588,6 +689,9 @@ impl Link {
             next_id: AtomicU64::new(1),
             closed: CancellationToken::new(),
             stats: Counters::default(),
+            wr: tokio::sync::Mutex::new(None),
+            queued: AtomicUsize::new(0),
+            flush_needed: tokio::sync::Notify::new(),
         });
         // Use the lock-free owned split when the transport is our Stream.
         let mut slot = Some(io);
@@ -697,8 +801,14 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    if let Ok(mut slot) = inner.wr.try_lock() {
+        *slot = Some(BufWriter::with_capacity(
+            WRITE_BUF,
+            Box::new(w) as BoxedWrite,
+        ));
+    }
     tokio::spawn(reader(inner.clone(), r, service));
-    tokio::spawn(writer(inner.clone(), w, rx));
+    tokio::spawn(writer(inner.clone(), rx));
     tokio::spawn(keepalive(inner.clone()));
 }
 
@@ -944,18 +1054,21 @@ impl Outgoing {
     }
 }
 
-async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, w: W, mut rx: Outgoing) {
-    let mut w = BufWriter::with_capacity(WRITE_BUF, w);
+async fn writer(inner: Arc<Inner>, mut rx: Outgoing) {
     // False while a frame is partly written: then no Goaway may follow it.
     let mut clean = true;
     let result = tokio::select! {
         _ = inner.closed.cancelled() => Ok(()),
-        r = write_loop(&inner, &mut w, &mut rx, &mut clean) => r,
+        r = write_loop(&inner, &mut rx, &mut clean) => r,
     };
     if let Err(reason) = result {
         inner.close(CloseKind::Fault, reason);
     }
     let _ = tokio::time::timeout(GOAWAY_TIMEOUT, async {
+        let mut guard = inner.wr.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return;
+        };
         if let (Some(reason), true) = (inner.local_close_reason(), clean) {
             let goaway = Frame::new(Kind::Goaway, 0, 0, Bytes::from(reason.into_bytes()));
             let _ = w.write_all(&goaway.header().encode()).await;
@@ -963,16 +1076,13 @@ async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, w: W, mut rx: Outgoing
         }
         let _ = w.flush().await;
         let _ = w.shutdown().await;
+        // The transport closes here; a late bypass finds no writer and queues (and fails).
+        *guard = None;
     })
     .await;
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    inner: &Inner,
-    w: &mut BufWriter<W>,
-    rx: &mut Outgoing,
-    clean: &mut bool,
-) -> Result<(), String> {
+async fn write_loop(inner: &Inner, rx: &mut Outgoing, clean: &mut bool) -> Result<(), String> {
     let stall = inner.opts.dead_after;
     let stalled = || {
         format!(
@@ -981,12 +1091,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         )
     };
     loop {
-        // Inner owns a Sender, so the queue never reports closed while we run.
-        let Some(mut frame) = rx.recv().await else {
+        // A queued frame, or a flush the bypass left unfinished.
+        let mut next = tokio::select! {
+            f = rx.recv() => match f {
+                // Inner owns a Sender, so the queue never reports closed while we run.
+                None => return Ok(()),
+                f => f,
+            },
+            _ = inner.flush_needed.notified() => None,
+        };
+        let mut guard = inner.wr.lock().await;
+        let Some(w) = guard.as_mut() else {
             return Ok(());
         };
         let mut batch = 0;
-        loop {
+        while let Some(frame) = next.take() {
             *clean = false;
             let header = frame.header().encode();
             let write = async {
@@ -999,17 +1118,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => return Err(stalled()),
             }
             *clean = true;
+            inner.queued.fetch_sub(1, Ordering::SeqCst);
+            inner.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
             inner
                 .stats
                 .bytes_out
                 .fetch_add((HEADER_LEN + frame.payload.len()) as u64, Ordering::Relaxed);
             batch += 1;
-            if batch >= MAX_BATCH {
-                break;
-            }
-            match rx.try_recv() {
-                Some(f) => frame = f,
-                None => break,
+            if batch < MAX_BATCH {
+                next = rx.try_recv();
             }
         }
         match tokio::time::timeout(stall, w.flush()).await {
@@ -1201,7 +1318,7 @@ fn reset_stream(inner: &Inner, origin: Origin, id: u64, e: &RemoteError) {
     let slot = lock(&inner.streams).map(origin).remove(&id);
     if let Some(slot) = slot {
         if !(slot.local_done && slot.remote_done) {
-            let _ = inner.ctrl.send(Frame::new(
+            inner.send_ctrl(Frame::new(
                 Kind::Stream(STREAM_RESET),
                 origin.op(),
                 id,
@@ -1235,7 +1352,7 @@ fn handle_stream_frame(
                 }
                 if st.local.len() + st.remote.len() >= inner.opts.max_streams {
                     drop(st);
-                    let _ = inner.ctrl.send(Frame::new(
+                    inner.send_ctrl(Frame::new(
                         Kind::Stream(STREAM_REFUSE),
                         STREAM_FROM_ACCEPTOR,
                         id,
@@ -1298,7 +1415,7 @@ fn handle_stream_frame(
                 }
                 None if !refused => {
                     // The opener gave up before the answer came: tell the acceptor.
-                    let _ = inner.ctrl.send(Frame::new(
+                    inner.send_ctrl(Frame::new(
                         Kind::Stream(STREAM_RESET),
                         Origin::Local.op(),
                         id,
@@ -1390,7 +1507,7 @@ impl std::fmt::Debug for IncomingStream {
 impl IncomingStream {
     /// Accepts the stream, sending `payload` as the answer, and returns its two halves.
     pub fn accept(mut self, payload: Bytes) -> (StreamReader, StreamWriter) {
-        let _ = self.inner.ctrl.send(Frame::new(
+        self.inner.send_ctrl(Frame::new(
             Kind::Stream(STREAM_ACCEPT),
             STREAM_FROM_ACCEPTOR,
             self.id,
@@ -1416,7 +1533,7 @@ impl IncomingStream {
 
     fn refuse_with(&self, e: &RemoteError) {
         lock(&self.inner.streams).remote.remove(&self.id);
-        let _ = self.inner.ctrl.send(Frame::new(
+        self.inner.send_ctrl(Frame::new(
             Kind::Stream(STREAM_REFUSE),
             STREAM_FROM_ACCEPTOR,
             self.id,
@@ -1542,7 +1659,7 @@ impl StreamReader {
                 _ => return,
             }
         }
-        let _ = self.inner.ctrl.send(Frame::new(
+        self.inner.send_ctrl(Frame::new(
             Kind::Stream(STREAM_CREDIT),
             self.origin.op(),
             self.id,
@@ -1669,7 +1786,7 @@ impl Drop for OpenGuard<'_> {
                 st.local.remove(&self.id).is_some()
             };
             if had && !self.inner.closed.is_cancelled() {
-                let _ = self.inner.ctrl.send(Frame::new(
+                self.inner.send_ctrl(Frame::new(
                     Kind::Stream(STREAM_RESET),
                     Origin::Local.op(),
                     self.id,
@@ -2155,6 +2272,67 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(a.open_streams(), 0, "finished streams are forgotten");
         assert_eq!(b.open_streams(), 0);
+    }
+
+    /// Small frames go out from the calling task (the bypass) while large ones queue, over a
+    /// transport so small that flushes often stay pending: from many tasks on several
+    /// threads, every stream keeps its bytes in order and every call gets its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn bypassed_and_queued_frames_keep_order_under_pressure() {
+        let (x, y) = tokio::io::duplex(4096);
+        let svc = |_| {
+            Arc::new(Svc {
+                dropped: Arc::new(AtomicBool::new(false)),
+            })
+        };
+        let a = Link::spawn(x, peer("b"), svc(()), LinkOptions::default());
+        let _b = Link::spawn(y, peer("a"), svc(()), LinkOptions::default());
+        let mut tasks = Vec::new();
+        for s in 0..4u32 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                let (_, mut r, mut w) = a.open_stream(1, Bytes::new()).await.unwrap();
+                // Sizes from 1 byte (bypass) to 100 KB (beyond the write buffer: queued).
+                let data: Vec<u8> = (0..400_000u32).map(|i| (i * (s + 3) % 251) as u8).collect();
+                let sent = data.clone();
+                let writer = tokio::spawn(async move {
+                    let mut off = 0;
+                    let mut k = 1usize;
+                    while off < sent.len() {
+                        let n = (k * k * 37 % 100_000).max(1).min(sent.len() - off);
+                        w.send(Bytes::copy_from_slice(&sent[off..off + n]))
+                            .await
+                            .unwrap();
+                        off += n;
+                        k += 1;
+                    }
+                    w.finish().await.unwrap();
+                });
+                let got = read_all(&mut r).await.unwrap();
+                writer.await.unwrap();
+                assert!(got == data, "stream {s}: bytes lost or reordered");
+            }));
+        }
+        for c in 0..8u32 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u32 {
+                    let body = format!("call {c}/{i}").repeat((i % 7 + 1) as usize);
+                    let answer = a.call(1, Bytes::from(body.clone())).await.unwrap();
+                    assert_eq!(&answer[..], body.as_bytes());
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(!a.is_closed());
+        let bypassed = a.inner.stats.frames_bypassed.load(Ordering::Relaxed);
+        let queued = a.inner.stats.frames_queued.load(Ordering::Relaxed);
+        assert!(
+            bypassed > 100 && queued > 100,
+            "bypassed {bypassed}, queued {queued}"
+        );
     }
 
     #[tokio::test]
