@@ -645,6 +645,7 @@ fn spawn_stdin_thread() -> (
         .name("rexec-stdin".into())
         .spawn(move || {
             let stdin = std::io::stdin();
+            super::grow_pipe(stdin.as_fd());
             loop {
                 let mut buf = recycle_rx
                     .try_recv()
@@ -688,6 +689,7 @@ fn spawn_output_thread(
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let body = move || {
         let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+        super::grow_pipe(stdout.as_fd());
         let (mut out_ok, mut err_ok) = (true, true);
         while let Some(o) = rx.blocking_recv() {
             let (fd, data, ok) = match &o {

@@ -516,11 +516,24 @@ async fn run_program(
     drop(cmd); // closes our copies of the pty slave
     let stdio = match pty_master {
         Some(m) => Stdio::Pty(Arc::new(PtyMaster::new(m)?)),
-        None => Stdio::Pipes {
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-        },
+        None => {
+            use std::os::fd::AsFd;
+            for fd in [
+                child.stdin.as_ref().map(|p| p.as_fd()),
+                child.stdout.as_ref().map(|p| p.as_fd()),
+                child.stderr.as_ref().map(|p| p.as_fd()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                super::grow_pipe(fd);
+            }
+            Stdio::Pipes {
+                stdin: child.stdin.take(),
+                stdout: child.stdout.take(),
+                stderr: child.stderr.take(),
+            }
+        }
     };
     let bytes_in = Arc::new(AtomicU64::new(0));
     let bytes_out = Arc::new(AtomicU64::new(0));
