@@ -80,9 +80,45 @@ done
 "$BIN" status --json --run-dir "$WORK/dpu-run" | grep -q '"connected"' || { cat "$WORK"/*.log >&2; echo "bench: peers did not connect" >&2; exit 1; }
 
 export LD_PRELOAD=$SHIM UDSPROXY_REQUEST_SOCKET=$WORK/dpu-run/remote_uds.sock
+RUN_START=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)
 EXTRA_REDIS="dpuctl=$VIEW/redis.sock" EXTRA_STREAM="dpuctl=$VIEW/sink.sock" EXTRA_PG="dpuctl=$VIEW/pg" \
   "$SHARED/run_all.sh" $SECTIONS
 unset LD_PRELOAD
+# The summary table has throughput only; the latency each sample carried (redis-benchmark's
+# p50/p99 per request, the 64-byte round trip's p99) is printed here, medians over the reps.
+echo
+echo "## latency of this run, p50 / p99 (median over reps)"
+python3 - "$RESULTS" "$RUN_START" <<'PY'
+import json, statistics, sys
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("bench") == "uds" and r.get("ts", "") >= sys.argv[2]:
+        rows.append(r)
+cells, targets, metrics = {}, [], []
+for r in rows:
+    t, m = r["target"], r["metric"]
+    if "p99_ms" in r:
+        pair = (float(r["p50_ms"]) * 1000, float(r["p99_ms"]) * 1000)
+    elif "p99_us" in r:
+        pair = (float(r["value"]), float(r["p99_us"]))
+    else:
+        continue
+    cells.setdefault((m, t), []).append(pair)
+    targets += [t] if t not in targets else []
+    metrics += [m] if m not in metrics else []
+print("| metric | " + " | ".join(f"{t} p50/p99 µs" for t in targets) + " |")
+print("|---|" + "---|" * len(targets))
+for m in metrics:
+    out = []
+    for t in targets:
+        v = cells.get((m, t))
+        out.append("-" if not v else "%.0f / %.0f" % (statistics.median(p for p, _ in v), statistics.median(q for _, q in v)))
+    print(f"| {m} | " + " | ".join(out) + " |")
+PY
 echo
 echo "## udsproxyd counters after the run"
 "$BIN" status --json --run-dir "$WORK/dpu-run" | jq -c '.daemons[0].counters'

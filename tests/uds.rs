@@ -99,27 +99,6 @@ fn wait_connected(p: &Pair) {
     });
 }
 
-/// A path as the test process sees it inside a side's namespace.
-fn inside(side: &Side, path: &str) -> PathBuf {
-    let pid = side.daemon_pid().expect("daemon running");
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
-}
-
-/// The DPU's request socket, as the test process reaches it.
-fn request_socket(p: &Pair) -> PathBuf {
-    let deadline = Instant::now() + CONNECT;
-    let path = inside(&p.dpu, "/run/qtfs/remote_uds.sock");
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no request socket\n{}",
-            p.dpu.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    path
-}
-
 /// An echo server on `path`: each connection echoes until EOF, then half-closes.
 fn echo_server(path: &Path) {
     if let Some(dir) = path.parent() {
@@ -149,7 +128,7 @@ fn echo_server(path: &Path) {
 }
 
 fn connect(p: &Pair, kind: SockType, path: &str) -> Result<OwnedFd, ConnectError> {
-    connect_remote(&request_socket(p), kind, Path::new(path), 0)
+    connect_remote(&p.dpu.request_socket(CONNECT), kind, Path::new(path), 0)
 }
 
 fn daemon_fds(side: &Side) -> usize {
@@ -175,7 +154,7 @@ fn counter(side: &Side, name: &str, key: &str) -> u64 {
 fn stream_bytes_both_ways_half_close_and_status() {
     require_namespaces!();
     let p = start_pair();
-    echo_server(&inside(&p.host, "/run/allowed/echo.sock"));
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
 
     let fd = connect(&p, SockType::Stream, "/run/allowed/echo.sock").expect("connect");
     let mut c = UnixStream::from(fd);
@@ -233,7 +212,7 @@ fn stream_bytes_both_ways_half_close_and_status() {
 fn server_that_answers_and_closes_early_loses_no_answer() {
     require_namespaces!();
     let p = start_pair();
-    let path = inside(&p.host, "/run/allowed/early.sock");
+    let path = p.host.inside("/run/allowed/early.sock");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let l = UnixListener::bind(&path).expect("bind");
     std::thread::spawn(move || {
@@ -283,7 +262,7 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
     require_namespaces!();
     let p = start_pair();
     // A datagram echo server answering each sender's datagram to its address.
-    let dg_path = inside(&p.host, "/run/allowed/dg.sock");
+    let dg_path = p.host.inside("/run/allowed/dg.sock");
     std::fs::create_dir_all(dg_path.parent().unwrap()).unwrap();
     let server = UnixDatagram::bind(&dg_path).expect("bind dgram server");
     std::thread::spawn(move || {
@@ -322,7 +301,7 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
 
     // Seqpacket: a real SOCK_SEQPACKET server that echoes each message.
     use nix::sys::socket::{self as ns, AddressFamily, SockFlag, UnixAddr};
-    let sp_path = inside(&p.host, "/run/allowed/sp.sock");
+    let sp_path = p.host.inside("/run/allowed/sp.sock");
     let l = ns::socket(
         AddressFamily::Unix,
         ns::SockType::SeqPacket,
@@ -369,7 +348,7 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
 fn allowlist_refuses_and_live_qtcfg_change_applies() {
     require_namespaces!();
     let p = start_pair();
-    echo_server(&inside(&p.host, "/run/other/echo.sock"));
+    echo_server(&p.host.inside("/run/other/echo.sock"));
     match connect(&p, SockType::Stream, "/run/other/echo.sock") {
         Err(ConnectError::Refused { errno, message }) => {
             assert_eq!(errno, libc::ECONNREFUSED);
@@ -436,8 +415,8 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 fn thousand_concurrent_connections_no_loss_no_leak() {
     require_namespaces!();
     let p = start_pair();
-    echo_server(&inside(&p.host, "/run/allowed/echo.sock"));
-    let req = request_socket(&p);
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
+    let req = p.dpu.request_socket(CONNECT);
     // Warm up once so both daemons have every lazily created descriptor.
     drop(connect(&p, SockType::Stream, "/run/allowed/echo.sock").unwrap());
     std::thread::sleep(Duration::from_millis(300));
@@ -544,7 +523,7 @@ fn thousand_concurrent_connections_no_loss_no_leak() {
 fn peer_kill_ends_connections_and_new_ones_work_after_restart() {
     require_namespaces!();
     let mut p = start_pair();
-    echo_server(&inside(&p.host, "/run/allowed/echo.sock"));
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
     let mut conns: Vec<UnixStream> = (0..5)
         .map(|_| UnixStream::from(connect(&p, SockType::Stream, "/run/allowed/echo.sock").unwrap()))
         .collect();
@@ -596,7 +575,7 @@ fn peer_kill_ends_connections_and_new_ones_work_after_restart() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     p.host = Side::start("host2", &p.scratch, &args);
     wait_connected(&p);
-    echo_server(&inside(&p.host, "/run/allowed/echo.sock"));
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
     let mut c = UnixStream::from(
         connect(&p, SockType::Stream, "/run/allowed/echo.sock").expect("connect after restart"),
     );
@@ -668,7 +647,7 @@ fn shim_lets_redis_cli_reach_a_host_redis() {
         .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !inside(&p.host, "/run/redis.sock").exists() {
+    while !p.host.inside("/run/redis.sock").exists() {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -838,7 +817,7 @@ fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !inside(&p.host, "/run/rexec/rexec_uds.sock").exists() {
+    while !p.host.inside("/run/rexec/rexec_uds.sock").exists() {
         assert!(Instant::now() < deadline, "rexec_server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }

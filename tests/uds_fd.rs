@@ -96,30 +96,10 @@ fn start_pair() -> Pair {
     }
 }
 
-/// A path as the test process sees it inside a side's namespace.
-fn inside(side: &Side, path: &str) -> PathBuf {
-    let pid = side.daemon_pid().expect("daemon running");
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
-}
-
-fn request_socket(p: &Pair) -> PathBuf {
-    let deadline = Instant::now() + CONNECT;
-    let path = inside(&p.dpu, "/run/qtfs/remote_uds.sock");
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no request socket\n{}",
-            p.dpu.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    path
-}
-
 /// Binds a HOST-side server at `/run/allowed/<name>` running `handler` per connection.
 fn serve(p: &Pair, name: &str, handler: fn(UnixStream)) -> String {
     let remote = format!("/run/allowed/{name}");
-    let path = inside(&p.host, &remote);
+    let path = p.host.inside(&remote);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
     let l = UnixListener::bind(&path).expect("bind test server");
@@ -133,8 +113,13 @@ fn serve(p: &Pair, name: &str, handler: fn(UnixStream)) -> String {
 }
 
 fn connect(p: &Pair, remote: &str) -> UnixStream {
-    let fd = connect_remote(&request_socket(p), SockType::Stream, Path::new(remote), 0)
-        .expect("proxied connect");
+    let fd = connect_remote(
+        &p.dpu.request_socket(CONNECT),
+        SockType::Stream,
+        Path::new(remote),
+        0,
+    )
+    .expect("proxied connect");
     let c = UnixStream::from(fd);
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     c

@@ -813,9 +813,7 @@ async fn pump<R: AsyncRead + Unpin>(
         if n == 0 {
             break;
         }
-        buf[..H].copy_from_slice(&data_header(data_op, n));
-        writer.lock().await.write_all(&buf[..H + n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        send_output(&writer, &mut buf, data_op, n, &counter).await?;
     }
     drop(src);
     let eof = if data_op == op::STDOUT {
@@ -846,11 +844,25 @@ async fn pump_pty(
         if n == 0 {
             break;
         }
-        buf[..H].copy_from_slice(&data_header(op::STDOUT, n));
-        writer.lock().await.write_all(&buf[..H + n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        send_output(&writer, &mut buf, op::STDOUT, n, &counter).await?;
     }
     Msg::StdoutEof.write_to(&mut *writer.lock().await).await
+}
+
+/// Sends `buf[HEADER_LEN..HEADER_LEN + n]` as one data frame of `data_op`, writing its header
+/// into the room left in front, and counts the bytes.
+async fn send_output(
+    writer: &Writer,
+    buf: &mut [u8],
+    data_op: u16,
+    n: usize,
+    counter: &AtomicU64,
+) -> std::io::Result<()> {
+    const H: usize = crate::wire::frame::HEADER_LEN;
+    buf[..H].copy_from_slice(&data_header(data_op, n));
+    writer.lock().await.write_all(&buf[..H + n]).await?;
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 enum StdinSink {

@@ -151,6 +151,30 @@ impl Side {
         children.split_whitespace().next()?.parse().ok()
     }
 
+    /// A path as the test process sees it inside this side's mount namespace.
+    #[allow(dead_code)] // not every test binary uses every helper
+    pub fn inside(&self, path: &str) -> PathBuf {
+        let pid = self.daemon_pid().expect("daemon running");
+        PathBuf::from(format!("/proc/{pid}/root{path}"))
+    }
+
+    /// This side's udsproxyd request socket (`/run/qtfs/remote_uds.sock` inside it), once it
+    /// exists, as the test process reaches it.
+    #[allow(dead_code)]
+    pub fn request_socket(&self, within: Duration) -> PathBuf {
+        let deadline = Instant::now() + within;
+        let path = self.inside("/run/qtfs/remote_uds.sock");
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no request socket\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        path
+    }
+
     /// Runs `dpuctl ARGS...` in this side's mount namespace.
     pub fn run(&self, args: &[&str]) -> Output {
         let deadline = Instant::now() + Duration::from_secs(10);
