@@ -452,6 +452,47 @@ fn pty_sessions_get_a_terminal() {
     assert_eq!(o.stdout, b"not a tty\n", "{}", text(&o));
 }
 
+/// `echo ... | rexec -t cat`: the end of a piped stdin reaches a program on a terminal as the
+/// terminal's EOF character, after a complete and after a partial last line.
+#[test]
+fn end_of_piped_stdin_ends_a_terminal_session() {
+    let srv = Server::start(&[]);
+    for input in [&b"first line\n"[..], b"first line\npartial"] {
+        let mut child = srv
+            .uds(&["-t", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rexec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin"); // dropped here: end of file
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "rexec -t cat did not end after stdin closed ({:?})\n{}",
+                    String::from_utf8_lossy(input),
+                    srv.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().expect("wait rexec");
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("first line"), "{}", text(&o));
+        if input.ends_with(b"partial") {
+            assert!(out.contains("partial"), "{}", text(&o));
+        }
+    }
+}
+
 #[test]
 fn tool_names_answer_help() {
     let scratch = Scratch::new();

@@ -43,6 +43,13 @@ pub fn set_winsize(fd: BorrowedFd<'_>, ws: Winsize) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// The terminal's end-of-file character (`stty eof`, ^D unless changed).
+pub fn eof_char(fd: BorrowedFd<'_>) -> u8 {
+    nix::sys::termios::tcgetattr(fd)
+        .map(|t| t.control_chars[nix::sys::termios::SpecialCharacterIndices::VEOF as usize])
+        .unwrap_or(4)
+}
+
 /// The window size of the terminal `fd`, if it is one.
 pub fn get_winsize(fd: BorrowedFd<'_>) -> Option<Winsize> {
     let mut w = libc::winsize {

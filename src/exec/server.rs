@@ -879,7 +879,9 @@ async fn stdin_writer(
     writer: Writer,
     queued: Arc<AtomicU64>,
 ) {
+    let mut last = None;
     while let Some(data) = rx.recv().await {
+        last = data.last().copied().or(last);
         let r = match &mut sink {
             StdinSink::Pipe(Some(p)) => p.write_all(&data).await,
             StdinSink::Pipe(None) => Ok(()),
@@ -900,7 +902,18 @@ async fn stdin_writer(
             return;
         }
     }
-    // Sender dropped: StdinEof (or the session ended). Dropping the sink closes the pipe.
+    // Sender dropped: StdinEof (or the session ended). Dropping the sink closes the pipe; a
+    // terminal has no end of file to close, so the line discipline gets its EOF character, as
+    // if typed: once at the start of a line, twice after a partial line (the first one only
+    // hands the partial line to the reader).
+    if let StdinSink::Pty(m) = &sink {
+        let eof = pty::eof_char(m.as_fd());
+        let at_line_start = matches!(last, None | Some(b'\n' | b'\r'));
+        let keys: &[u8] = if at_line_start { &[eof] } else { &[eof, eof] };
+        if let Err(e) = m.write_all(keys).await {
+            tracing::debug!(error = %e, "sending end of file to the terminal failed");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
