@@ -50,15 +50,9 @@ impl Server {
             port,
         };
         let sock = server.scratch.path("rexec/rexec_uds.sock");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "rexec_server did not start:\n{}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_path(&sock, Duration::from_secs(10), || {
+            format!("rexec_server did not start:\n{}", server.log())
+        });
         server
     }
 

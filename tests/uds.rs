@@ -646,11 +646,11 @@ fn shim_lets_redis_cli_reach_a_host_redis() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.host.inside("/run/redis.sock").exists() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_path(
+        &p.host.inside("/run/redis.sock"),
+        Duration::from_secs(10),
+        || "redis-server did not start".into(),
+    );
     let preload = format!("LD_PRELOAD={} ", s(&so));
     let out = p
         .dpu
@@ -816,11 +816,11 @@ fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.host.inside("/run/rexec/rexec_uds.sock").exists() {
-        assert!(Instant::now() < deadline, "rexec_server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_path(
+        &p.host.inside("/run/rexec/rexec_uds.sock"),
+        Duration::from_secs(10),
+        || "rexec_server did not start".into(),
+    );
     // The DPU has no rexec_server: the client's connect fails locally and goes to udsproxyd.
     // The program runs on the HOST (its /run holds the server's socket).
     let o = p.dpu.sh(

@@ -162,16 +162,10 @@ impl Side {
     /// exists, as the test process reaches it.
     #[allow(dead_code)]
     pub fn request_socket(&self, within: Duration) -> PathBuf {
-        let deadline = Instant::now() + within;
         let path = self.inside("/run/qtfs/remote_uds.sock");
-        while !path.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no request socket\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_path(&path, within, || {
+            format!("no request socket\n{}", self.log())
+        });
         path
     }
 
@@ -281,6 +275,22 @@ impl Drop for Side {
 }
 
 /// The first peer's state in a status document, for the daemon named `name`.
+/// Waits until `path` exists; after `within`, fails with `what` (evaluated only then, e.g. a
+/// daemon's log).
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn wait_for_path(path: &Path, within: Duration, what: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear: {}",
+            path.display(),
+            what()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn peer_state(status: &serde_json::Value, name: &str) -> Option<String> {
     status["daemons"]
         .as_array()?
