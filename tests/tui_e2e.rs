@@ -3,7 +3,7 @@
 //! directories. Keys go in with `send-keys`, the screen comes back with `capture-pane -p`.
 //! Checks: the daemons' rows, an allowlist entry added and deleted from the dashboard as
 //! `qtcfg -z` sees it, a killed daemon shown unreachable within 2 s while the dashboard keeps
-//! running, and the terminal restored on q and on SIGTERM.
+//! running, and the terminal restored on q, on SIGTERM and on a panic (the `tui_panic` example).
 
 mod common;
 
@@ -344,4 +344,47 @@ fn sigterm_restores_the_terminal() {
         screen.lines().any(|l| l.trim() == "icanon"),
         "terminal left in raw mode:\n{screen}"
     );
+}
+
+/// A panic in the dashboard gives the terminal back before the message is printed: the
+/// `tui_panic` example takes the terminal as `dpuctl tui` does and panics without running the
+/// guard's `Drop`, so only the panic hook can restore it.
+#[test]
+fn a_panic_restores_the_terminal_before_its_message() {
+    if let Some(why) = tmux_missing() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let example = common::bin()
+        .parent()
+        .expect("target dir")
+        .join("examples/tui_panic");
+    assert!(
+        example.exists(),
+        "{} is missing: build it with `cargo build --examples` (cargo test --all-targets does)",
+        example.display()
+    );
+    let script = format!(
+        "{} 2>&1; echo \"PANIC-EXITED rc=$?\"; stty -a | tr ' ' '\\n' | grep -x -- '-\\?icanon'; sleep 60",
+        s(&example)
+    );
+    let tmux = Tmux::start("panic", &script);
+    let screen = tmux.wait("the example gone", Duration::from_secs(10), |sc| {
+        sc.lines().any(|l| l.trim().ends_with("icanon"))
+    });
+    assert!(screen.contains("PANIC-EXITED rc=101"), "{screen}");
+    assert!(
+        screen.contains("deliberate panic to test the terminal restore"),
+        "panic message not on the normal screen:\n{screen}"
+    );
+    assert!(
+        !screen.contains("TUI-PANIC-DRAWN"),
+        "still on the alternate screen:\n{screen}"
+    );
+    assert!(
+        screen.lines().any(|l| l.trim() == "icanon"),
+        "terminal left in raw mode:\n{screen}"
+    );
+    let alt = tmux.cmd(&["display-message", "-p", "-t", "t", "#{alternate_on}"]);
+    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0");
 }
