@@ -299,6 +299,52 @@ fn engine_death_fails_operations_instead_of_hanging() {
     let _ = t.dpu.sh("umount -l /run/m");
 }
 
+/// `negative_timeout`: absent names are remembered only when asked for, and a create through
+/// the mount ends the memory at once; without it a name the HOST creates shows up at once.
+#[test]
+fn negative_timeout_remembers_absent_names_only_when_asked() {
+    require_fuse!();
+    let t = setup();
+    let opts = format!(
+        "server={},key={},attr_timeout=0,entry_timeout=0",
+        t.fs,
+        s(&t.key)
+    );
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/neg /run/fresh && \
+         $DPUCTL mount {e} /run/neg -o {opts},negative_timeout=60 && \
+         $DPUCTL mount {e} /run/fresh -o {opts}",
+        e = s(&t.export)
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let absent = |path: &str| {
+        let out = t.dpu.sh(&format!("test -e {path}; echo rc=$?"));
+        String::from_utf8_lossy(&out.stdout).contains("rc=1")
+    };
+    assert!(absent("/run/neg/late") && absent("/run/fresh/late"));
+    std::fs::write(t.export.join("late"), "made on the HOST\n").unwrap();
+    assert!(
+        absent("/run/neg/late"),
+        "negative_timeout=60: the absent name should still be remembered"
+    );
+    assert!(
+        !absent("/run/fresh/late"),
+        "without negative_timeout the HOST's new file must show at once"
+    );
+    // A create through the mount replaces the remembered absence at once.
+    assert!(absent("/run/neg/mine"));
+    let out = t
+        .dpu
+        .sh("echo made on the DPU > /run/neg/mine && cat /run/neg/mine");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "made on the DPU\n",
+        "{}",
+        text(&out)
+    );
+    let _ = t.dpu.sh("umount /run/neg; umount /run/fresh");
+}
+
 /// A cgroup directory the engine may create groups in: the v2 root, or v1's pids hierarchy.
 fn cgroup_base() -> Option<&'static str> {
     ["/sys/fs/cgroup", "/sys/fs/cgroup/pids"]

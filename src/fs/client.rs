@@ -41,6 +41,9 @@ const PROC_PID: u64 = PROC_BASE | (1 << 32);
 pub struct ClientOptions {
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
+    /// How long the kernel may remember that a name does not exist (`negative_timeout`, as
+    /// in libfuse); zero (the default) asks again every time.
+    pub negative_ttl: Duration,
     /// Kernel writeback cache (FUSE_WRITEBACK_CACHE).
     pub writeback: bool,
     /// Direct I/O for every file (otherwise only for files on HOST pseudo filesystems).
@@ -59,6 +62,7 @@ impl Default for ClientOptions {
         ClientOptions {
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::ZERO,
             writeback: false,
             direct_io: false,
             read_only: false,
@@ -579,7 +583,21 @@ impl Filesystem for QtfsClient {
             parent: self.node(parent),
             name: name.as_bytes().to_vec(),
         };
-        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| match r {
+            Err(libc::ENOENT) if !me.inner.opts.negative_ttl.is_zero() => {
+                // Node id 0 with a timeout: the kernel caches the name as absent until
+                // then (a create through this mount replaces it at once).
+                let mut attr = me.file_attr(0, &Attr::default());
+                attr.ino = INodeNo(0);
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &me.inner.opts.negative_ttl,
+                    &attr,
+                    Generation(0),
+                );
+            }
+            r => me.reply_entry(r, reply),
+        });
     }
 
     fn forget(&self, _req: &FuseRequest, ino: INodeNo, nlookup: u64) {

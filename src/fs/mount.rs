@@ -94,6 +94,7 @@ Options (-o, comma-separated):
   local_proc=PATH      where the DPU's own procfs is mounted [/local_proc]
   attr_timeout=SECS    attribute cache time [1]
   entry_timeout=SECS   name lookup cache time [1]
+  negative_timeout=SECS  how long a name is remembered as absent [0: ask every time]
   writeback            kernel writeback cache (faster large writes)
   direct_io            no page cache (always on for files of size 0, as in proc/sys)
   allow_other          let every user use the mount [on]; noallow_other turns it off
@@ -167,6 +168,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
             "local_proc" => m.client.local_proc = PathBuf::from(need()?),
             "attr_timeout" => m.client.attr_ttl = secs(need()?, opt)?,
             "entry_timeout" => m.client.entry_ttl = secs(need()?, opt)?,
+            "negative_timeout" => m.client.negative_ttl = secs(need()?, opt)?,
             "writeback" | "writeback_cache" => m.client.writeback = true,
             "direct_io" => m.client.direct_io = true,
             "allow_other" => m.client.allow_other = true,
@@ -627,7 +629,7 @@ mod tests {
             "/var/lib/docker",
             "/mnt",
             "-o",
-            "rw,server=10.0.0.2:12345,proc,local_proc=/lp,attr_timeout=2.5,entry_timeout=0,writeback,noallow_other,_netdev,x-systemd.automount,defaults",
+            "rw,server=10.0.0.2:12345,proc,local_proc=/lp,attr_timeout=2.5,entry_timeout=0,negative_timeout=0.5,writeback,noallow_other,_netdev,x-systemd.automount,defaults",
             "-s",
             "-n",
         ]))
@@ -644,6 +646,7 @@ mod tests {
         assert_eq!(m.client.local_proc, PathBuf::from("/lp"));
         assert_eq!(m.client.attr_ttl, Duration::from_millis(2500));
         assert_eq!(m.client.entry_ttl, Duration::ZERO);
+        assert_eq!(m.client.negative_ttl, Duration::from_millis(500));
         assert!(!m.foreground);
     }
 
