@@ -100,6 +100,17 @@ fn mount_read_write_and_umount_through_the_engine() {
         s(&t.export)
     ));
     assert!(out.status.success(), "mount: {}", text(&out));
+    // Its own type in the DPU's mount table, with the remote path as the source.
+    let pid = t.dpu.daemon_pid().expect("DPU side running");
+    let table = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(mnt))
+        .unwrap_or_else(|| panic!("{mnt} not in the DPU's mount table:\n{table}"));
+    assert!(
+        line.starts_with(&format!("qtfs:{} {mnt} fuse.qtfs ", s(&t.export))),
+        "{line}"
+    );
     // Reads see the HOST's file; writes land on the HOST.
     let out = t.dpu.sh(&format!(
         "cat {mnt}/hello.txt && echo written > {mnt}/new.txt && mkdir {mnt}/d && mv {mnt}/new.txt {mnt}/d/moved.txt && ls {mnt}/d"

@@ -254,6 +254,8 @@ pub async fn connect(
 /// A live mount; unmounts (and joins the session) when dropped.
 pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
+    /// Mounted by [`mount_fuse_qtfs`], so unmounting is ours (fuser only joins).
+    own_mount: bool,
     local: PathBuf,
     stats: Arc<MountStats>,
 }
@@ -275,12 +277,24 @@ impl MountHandle {
     }
 
     fn finish(&mut self) -> std::io::Result<()> {
+        use nix::mount::{umount2, MntFlags};
         match self.session.take() {
+            Some(s) if self.own_mount => {
+                // Unmounting ends the kernel connection, and with it the session.
+                match umount2(&self.local, MntFlags::empty()) {
+                    Ok(()) => s.join(),
+                    Err(e) => {
+                        // Busy (a test still holds a file): detach so nothing stays mounted;
+                        // the session ends with the last open file, so do not wait for it.
+                        let _ = umount2(&self.local, MntFlags::MNT_DETACH);
+                        Err(e.into())
+                    }
+                }
+            }
             Some(s) => {
                 let r = s.umount_and_join();
                 if r.is_err() {
-                    // Busy (a test still holds a file): detach so nothing stays mounted.
-                    let _ = nix::mount::umount2(&self.local, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = umount2(&self.local, MntFlags::MNT_DETACH);
                 }
                 r
             }
@@ -336,22 +350,77 @@ pub async fn mount_with_transport(
             },
             source: e,
         })?;
-    let config = client.fuse_config(&format!("qtfs:{}", remote.display()));
+    let fsname = format!("qtfs:{}", remote.display());
+    let config = client.fuse_config(&fsname);
     let stats = client.stats();
     let local_owned = local.to_path_buf();
-    let session =
-        tokio::task::spawn_blocking(move || fuser::spawn_mount(client, &local_owned, &config))
-            .await
-            .map_err(|e| MountError::Runtime(std::io::Error::other(e)))?
-            .map_err(|e| MountError::Fuse {
-                path: local.into(),
-                source: e,
-            })?;
+    let (session, own_mount) = tokio::task::spawn_blocking(move || {
+        match mount_fuse_qtfs(&fsname, &local_owned, &config) {
+            Ok(fd) => fuser::Session::from_fd(client, fd, config.acl, config.clone())
+                .and_then(fuser::Session::spawn)
+                .map(|s| (s, true))
+                .inspect_err(|_| {
+                    // The handshake failed: nothing may stay mounted.
+                    let _ = nix::mount::umount2(&local_owned, nix::mount::MntFlags::MNT_DETACH);
+                }),
+            // Not allowed to mount(2) (not root): fuser's fusermount3 path, type `fuse`.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                fuser::spawn_mount(client, &local_owned, &config).map(|s| (s, false))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| MountError::Runtime(std::io::Error::other(e)))?
+    .map_err(|e| MountError::Fuse {
+        path: local.into(),
+        source: e,
+    })?;
     Ok(MountHandle {
         session: Some(session),
+        own_mount,
         local: local.to_path_buf(),
         stats,
     })
+}
+
+/// Mounts a FUSE file system of type `fuse.qtfs` (so /proc/mounts, `findmnt -t fuse.qtfs` and
+/// `umount -t fuse.qtfs` know it, where fuser's own mount says plain `fuse`) on `local` and
+/// returns the /dev/fuse descriptor for the session. The options are the ones fuser would
+/// pass: nosuid and nodev, ro when asked, allow_other when the session admits everyone.
+fn mount_fuse_qtfs(fsname: &str, local: &Path, config: &fuser::Config) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{open, OFlag};
+    use nix::mount::MsFlags;
+    let fd = open(
+        "/dev/fuse",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let rootmode = std::fs::metadata(local).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.mode() & libc::S_IFMT
+    })?;
+    let mut data = format!(
+        "fd={},rootmode={rootmode:o},user_id={},group_id={}",
+        fd.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if config.acl == fuser::SessionACL::All {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if config.mount_options.contains(&fuser::MountOption::RO) {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(
+        Some(fsname),
+        local,
+        Some("fuse.qtfs"),
+        flags,
+        Some(data.as_str()),
+    )?;
+    Ok(fd)
 }
 
 /// Entry point for `mount.qtfs ...` and `dpuctl mount ...` (`args[0]` is the program name).
