@@ -156,6 +156,10 @@ pub fn run_blocking(options: TuiOptions, shutdown: CancellationToken) -> Result<
     runtime.block_on(run(options, shutdown))
 }
 
+/// Set (to anything) in the environment, the dashboard panics after its first frame: the
+/// end-to-end test of the panic path. Not for operators.
+pub const TEST_PANIC_ENV: &str = "DPUCTL_TUI_TEST_PANIC";
+
 /// The dashboard loop; see the module documentation.
 pub async fn run(options: TuiOptions, shutdown: CancellationToken) -> Result<(), TuiError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(TuiError::Signals)?;
@@ -173,6 +177,9 @@ pub async fn run(options: TuiOptions, shutdown: CancellationToken) -> Result<(),
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;
     let mut banner = options.banner.clone();
+    // Test hook (tests/tui_e2e.rs): panic right after the first frame, to check that the
+    // panic hook gives the terminal back before the message is printed.
+    let panic_after_draw = std::env::var_os(TEST_PANIC_ENV).is_some();
     let result = loop {
         let mut draw_now = false;
         tokio::select! {
@@ -244,6 +251,9 @@ pub async fn run(options: TuiOptions, shutdown: CancellationToken) -> Result<(),
                 break Err(TuiError::Draw(e));
             }
             dirty = false;
+            if panic_after_draw {
+                panic!("{TEST_PANIC_ENV} is set: a deliberate panic to test the terminal restore");
+            }
         }
     };
     collectors.close().await;

@@ -3,10 +3,11 @@
 //! panic hook that restores before the message is printed), and signals (the UI loop turns
 //! SIGTERM/SIGHUP into a normal exit, so `Drop` runs).
 //!
-//! Concurrency: used from the UI loop's thread only; [`restore`] is idempotent, so the panic
-//! hook and `Drop` may both run it.
+//! Concurrency: used from the UI loop's thread only; [`restore`] acts once per takeover, so
+//! the panic hook and `Drop` may both run it.
 
 use std::io::{self, IsTerminal, Stdout};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use crossterm::cursor::{Hide, Show};
@@ -41,6 +42,7 @@ impl TerminalGuard {
         }
         install_panic_hook();
         enable_raw_mode().map_err(TermError::RawMode)?;
+        TAKEN.store(true, Ordering::SeqCst);
         let setup = execute!(io::stdout(), EnterAlternateScreen, Hide)
             .and_then(|_| Terminal::new(CrosstermBackend::new(io::stdout())));
         match setup {
@@ -64,10 +66,17 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Leaves raw mode and the alternate screen and shows the cursor; harmless when not entered.
+/// Whether the terminal is taken over (raw mode and the alternate screen).
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Leaves raw mode and the alternate screen and shows the cursor; harmless when not entered,
+/// and done once: a second "leave the alternate screen" would move the cursor back to where
+/// it was on entry, so the next output (the shell prompt) would overwrite a panic message.
 pub fn restore() {
-    let _ = disable_raw_mode();
-    let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
+    if TAKEN.swap(false, Ordering::SeqCst) {
+        let _ = disable_raw_mode();
+        let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
+    }
 }
 
 /// Chains a hook that restores the terminal before the previous hook prints the panic, so
