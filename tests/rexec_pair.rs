@@ -81,8 +81,8 @@ fn dpu_runs_host_programs_through_rexec() {
     );
     let mut left = String::new();
     for _ in 0..50 {
-        left =
-            String::from_utf8_lossy(&host.sh("pgrep -f 'sleep 4242' || true").stdout).into_owned();
+        left = String::from_utf8_lossy(&host.sh("pgrep -f '^[^ ]*sleep 4242' || true").stdout)
+            .into_owned();
         if left.trim().is_empty() {
             break;
         }

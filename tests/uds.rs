@@ -852,7 +852,7 @@ fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
     );
     let mut left = String::new();
     for _ in 0..50 {
-        left = String::from_utf8_lossy(&p.host.sh("pgrep -f 'sleep 4343' || true").stdout)
+        left = String::from_utf8_lossy(&p.host.sh("pgrep -f '^[^ ]*sleep 4343' || true").stdout)
             .into_owned();
         if left.trim().is_empty() {
             break;

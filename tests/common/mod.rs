@@ -193,11 +193,21 @@ impl Side {
             .expect("run nsenter")
     }
 
-    /// Runs `sh -c SCRIPT` in this side's mount namespace (`$DPUCTL` is the binary).
+    /// Runs `sh -c SCRIPT` in this side's mount and pid namespaces (`$DPUCTL` is the
+    /// binary). In its pid namespace `/proc/self` resolves (umount(8) reads mountinfo), and
+    /// whatever the script leaves running — a daemonised mount helper — dies with the side.
     pub fn sh(&self, script: &str) -> Output {
         let pid = self.daemon_pid().expect("daemon running");
         Command::new("nsenter")
-            .args(["--target", &pid.to_string(), "--mount", "sh", "-c", script])
+            .args([
+                "--target",
+                &pid.to_string(),
+                "--mount",
+                "--pid",
+                "sh",
+                "-c",
+                script,
+            ])
             .env("DPUCTL", bin())
             .stdin(Stdio::null())
             .output()
