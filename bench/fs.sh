@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 SHARED=${SHARED:-$ROOT/../shared/bench}
 [ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (FUSE mounts, drop_caches)" >&2; exit 1; }
@@ -48,7 +49,7 @@ trap cleanup EXIT
 
 "$BIN" keygen "$WORK/psk" >/dev/null
 printf '[Mount]\nPath=%s\n' "$ANCHOR_DIR/local" > "$WORK/whitelist"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 "$BIN" engine --no-uds --listen "tcp://127.0.0.1:$PORT" --threads 16 --key "$WORK/psk" \
   --whitelist "$WORK/whitelist" --run-dir "$WORK/run" --log-level warn 2>"$WORK/engine.log" &
 ENGINE_PID=$!

@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 SHARED=${SHARED:-$ROOT/../shared/bench}
 [ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
@@ -37,7 +38,7 @@ trap cleanup EXIT
 
 "$BIN" keygen "$WORK/psk" >/dev/null
 ln -s "$BIN" "$WORK/rexec"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 export REXEC_RUN_DIR=$WORK/rexec-run
 "$BIN" rexec_server --listen "tcp://127.0.0.1:$PORT" --uds --key "$WORK/psk" \
   --whitelist "$WORK/no-whitelist" --run-dir "$WORK/run" --log-level warn 2>"$WORK/server.log" &
@@ -49,24 +50,7 @@ for _ in $(seq 100); do [ -S "$REXEC_RUN_DIR/rexec_uds.sock" ] && break; sleep 0
 # connect fails locally (ENOENT) and goes through the local udsproxyd, over TCP 127.0.0.1, to
 # the engine, which connects to rexec_server.
 VIEW=/run/dpuctl-rexec-host
-mkdir -p "$VIEW"
-printf '[Mount]\nPath=/nonexistent\n[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/host-whitelist"
-printf '[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/dpu-whitelist"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UDS_PORT=$(port)
-unshare --mount --propagation private sh -c '
-  mount -t tmpfs -o mode=0755 tmpfs "$1" && ln -s "$2" "$1/rexec_uds.sock" && shift 2 && exec "$@"' \
-  sh "$VIEW" "$REXEC_RUN_DIR/rexec_uds.sock" \
-  "$BIN" engine --listen "tcp://127.0.0.1:$(port)" --uds-listen "tcp://127.0.0.1:$UDS_PORT" \
-  --key "$WORK/psk" --whitelist "$WORK/host-whitelist" --run-dir "$WORK/host-run" \
-  --log-level warn 2>"$WORK/engine.log" &
-ENGINE_PID=$!
-"$BIN" udsproxyd --listen "" --peer "tcp://127.0.0.1:$UDS_PORT" --key "$WORK/psk" \
-  --whitelist "$WORK/dpu-whitelist" --run-dir "$WORK/dpu-run" --log-level warn 2>"$WORK/udsproxyd.log" &
-PROXY_PID=$!
-for _ in $(seq 100); do
-  "$BIN" status --json --run-dir "$WORK/dpu-run" 2>/dev/null | grep -q '"connected"' && break; sleep 0.1
-done
+start_uds_pair 'ln -s "$REXEC_RUN_DIR/rexec_uds.sock" "$1/rexec_uds.sock"'
 export UDSPROXY_REQUEST_SOCKET=$WORK/dpu-run/remote_uds.sock
 
 TCP="$WORK/rexec --server tcp://127.0.0.1:$PORT --key $WORK/psk --"

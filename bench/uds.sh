@@ -20,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 SHARED=${SHARED:-$ROOT/../shared/bench}
 [ -x "$SHARED/run_all.sh" ] || SHARED=$ROOT/../../shared/bench   # from a worktree
 [ -x "$SHARED/run_all.sh" ] || { echo "bench: $SHARED/run_all.sh not found; set SHARED=" >&2; exit 1; }
@@ -55,29 +56,9 @@ cleanup() {
 trap cleanup EXIT
 
 "$BIN" keygen "$WORK/psk" >/dev/null
-printf '[Mount]\nPath=/nonexistent\n[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/host-whitelist"
-printf '[Udsconnect]\nPath=%s\n' "$VIEW" > "$WORK/dpu-whitelist"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UDS_PORT=$(port)
-mkdir -p "$VIEW"   # empty mount point outside the HOST namespace: connects there get ENOENT
-# The HOST side: a private mount namespace whose $VIEW holds the real sockets.
-unshare --mount --propagation private sh -c '
-  mount -t tmpfs -o mode=0755 tmpfs "$1" && mkdir -p "$1/pg" &&
-  ln -s "$2/redis.sock" "$1/redis.sock" && ln -s "$2/sink.sock" "$1/sink.sock" &&
-  ln -s "$2/pgsock/.s.PGSQL.5432" "$1/pg/.s.PGSQL.5432" && shift 2 && exec "$@"' \
-  sh "$VIEW" "$ANCHOR_DIR" \
-  "$BIN" engine --listen "tcp://127.0.0.1:$(port)" --uds-listen "tcp://127.0.0.1:$UDS_PORT" \
-  --key "$WORK/psk" --whitelist "$WORK/host-whitelist" --run-dir "$WORK/host-run" \
-  --log-level warn 2>"$WORK/engine.log" &
-ENGINE_PID=$!
-# The DPU side: udsproxyd dialling the engine.
-"$BIN" udsproxyd --listen "" --peer "tcp://127.0.0.1:$UDS_PORT" --key "$WORK/psk" \
-  --whitelist "$WORK/dpu-whitelist" --run-dir "$WORK/dpu-run" --log-level warn 2>"$WORK/udsproxyd.log" &
-PROXY_PID=$!
-for _ in $(seq 100); do
-  "$BIN" status --json --run-dir "$WORK/dpu-run" 2>/dev/null | grep -q '"connected"' && break; sleep 0.1
-done
-"$BIN" status --json --run-dir "$WORK/dpu-run" | grep -q '"connected"' || { cat "$WORK"/*.log >&2; echo "bench: peers did not connect" >&2; exit 1; }
+# The HOST side's $VIEW holds links to the real sockets.
+start_uds_pair 'mkdir -p "$1/pg" && ln -s "$ANCHOR_DIR/redis.sock" "$1/redis.sock" &&
+  ln -s "$ANCHOR_DIR/sink.sock" "$1/sink.sock" && ln -s "$ANCHOR_DIR/pgsock/.s.PGSQL.5432" "$1/pg/.s.PGSQL.5432"'
 
 export LD_PRELOAD=$SHIM UDSPROXY_REQUEST_SOCKET=$WORK/dpu-run/remote_uds.sock
 RUN_START=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)

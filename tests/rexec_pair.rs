@@ -79,14 +79,6 @@ fn dpu_runs_host_programs_through_rexec() {
         "{}",
         text(&o)
     );
-    let mut left = String::new();
-    for _ in 0..50 {
-        left = String::from_utf8_lossy(&host.sh("pgrep -f '^[^ ]*sleep 4242' || true").stdout)
-            .into_owned();
-        if left.trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let left = host.wait_no_process("sleep 4242");
     assert!(left.trim().is_empty(), "sleep left on the HOST: {left}");
 }

@@ -850,15 +850,7 @@ fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
         "{}",
         text(&o)
     );
-    let mut left = String::new();
-    for _ in 0..50 {
-        left = String::from_utf8_lossy(&p.host.sh("pgrep -f '^[^ ]*sleep 4343' || true").stdout)
-            .into_owned();
-        if left.trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let left = p.host.wait_no_process("sleep 4343");
     assert!(left.trim().is_empty(), "sleep left on the HOST: {left}");
     // A directory this side does not route stays a local error, with what to do.
     let o = p

@@ -762,7 +762,7 @@ fn deliver_signal(pid: u32, signo: i32, pty: Option<&PtyMaster>) {
 
 /// True when a child spawned from this thread would already have `umask` and `rlimits`.
 fn inherits(umask: u32, rlimits: &[Rlimit]) -> bool {
-    crate::fs::sys::thread_umask() == Some(umask)
+    crate::fs::thread_umask() == Some(umask)
         && rlimits.iter().all(|r| {
             let mut now = libc::rlimit {
                 rlim_cur: 0,

@@ -587,8 +587,10 @@ impl Filesystem for QtfsClient {
             Err(libc::ENOENT) if !me.inner.opts.negative_ttl.is_zero() => {
                 // Node id 0 with a timeout: the kernel caches the name as absent until
                 // then (a create through this mount replaces it at once).
-                let mut attr = me.file_attr(0, &Attr::default());
-                attr.ino = INodeNo(0);
+                let attr = FileAttr {
+                    ino: INodeNo(0),
+                    ..me.file_attr(0, &Attr::default())
+                };
                 reply.entry_with_ttls(
                     &Duration::ZERO,
                     &me.inner.opts.negative_ttl,

@@ -24,7 +24,10 @@ pub mod mount;
 pub mod proto;
 pub mod server;
 pub mod stats;
-pub(crate) mod sys;
+mod sys;
+
+/// The calling thread's umask, for other modules spawning children (rexec_server).
+pub(crate) use sys::thread_umask;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

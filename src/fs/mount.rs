@@ -278,28 +278,23 @@ impl MountHandle {
 
     fn finish(&mut self) -> std::io::Result<()> {
         use nix::mount::{umount2, MntFlags};
-        match self.session.take() {
-            Some(s) if self.own_mount => {
-                // Unmounting ends the kernel connection, and with it the session.
-                match umount2(&self.local, MntFlags::empty()) {
-                    Ok(()) => s.join(),
-                    Err(e) => {
-                        // Busy (a test still holds a file): detach so nothing stays mounted;
-                        // the session ends with the last open file, so do not wait for it.
-                        let _ = umount2(&self.local, MntFlags::MNT_DETACH);
-                        Err(e.into())
-                    }
-                }
-            }
-            Some(s) => {
-                let r = s.umount_and_join();
-                if r.is_err() {
-                    let _ = umount2(&self.local, MntFlags::MNT_DETACH);
-                }
-                r
-            }
-            None => Ok(()),
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        let r = if self.own_mount {
+            // Unmounting ends the kernel connection, and with it the session.
+            umount2(&self.local, MntFlags::empty())
+                .map_err(std::io::Error::from)
+                .and_then(|()| s.join())
+        } else {
+            s.umount_and_join()
+        };
+        if r.is_err() {
+            // Busy (a test still holds a file): detach so nothing stays mounted; the session
+            // ends with the last open file, so it is not waited for.
+            let _ = umount2(&self.local, MntFlags::MNT_DETACH);
         }
+        r
     }
 
     /// Blocks until the file system is unmounted from outside (`umount LOCAL`).

@@ -169,6 +169,22 @@ impl Side {
         path
     }
 
+    /// Waits (up to 2.5 s) until no process of this side runs `argv` (the start of its
+    /// command line); returns what still matches, empty when none does.
+    #[allow(dead_code)]
+    pub fn wait_no_process(&self, argv: &str) -> String {
+        let check = format!("pgrep -f '^[^ ]*{argv}' || true");
+        let mut left = String::new();
+        for _ in 0..50 {
+            left = String::from_utf8_lossy(&self.sh(&check).stdout).into_owned();
+            if left.trim().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        left
+    }
+
     /// Runs `dpuctl ARGS...` in this side's mount namespace.
     pub fn run(&self, args: &[&str]) -> Output {
         let deadline = Instant::now() + Duration::from_secs(10);
