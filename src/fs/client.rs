@@ -94,6 +94,8 @@ struct Inner {
     /// capabilities), which would otherwise cost a round trip per write. Trusted for
     /// `attr_ttl`, like attributes; setxattr/removexattr through this mount forget the node's.
     xattr_absent: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
+    /// Forgets not yet sent ([`QtfsClient::forget_later`]).
+    forgets: Mutex<Vec<(u64, u64)>>,
 }
 
 /// Above this many remembered absent xattrs the cache starts over.
@@ -104,6 +106,9 @@ type CachedGroups = (Instant, Arc<[u32]>);
 
 /// How long a caller's supplementary groups are reused without re-reading /proc.
 const GROUPS_TTL: Duration = Duration::from_secs(1);
+/// How late a forget may reach the engine, and how many are sent at once without waiting.
+const FORGET_DELAY: Duration = Duration::from_millis(5);
+const FORGET_BATCH: usize = 1024;
 /// Above this many cached pids the groups cache starts over (a bound, not an LRU: pids of
 /// short-lived processes come and go).
 const GROUPS_CACHE_MAX: usize = 4096;
@@ -246,6 +251,7 @@ impl QtfsClient {
                 dirs: Mutex::new(HashMap::new()),
                 stats: Arc::new(MountStats::new()),
                 xattr_absent: Mutex::new(HashMap::new()),
+                forgets: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -371,8 +377,35 @@ impl QtfsClient {
             .iter()
             .filter_map(|e| e.entry.as_ref().map(|en| (en.node, 1)))
             .collect();
-        if !items.is_empty() {
+        self.forget_later(&items);
+    }
+
+    /// Queues forgets for the engine. Nobody waits for them, so they go in batches: at most
+    /// [`FORGET_DELAY`] late, or at once when [`FORGET_BATCH`] are queued (the kernel evicts
+    /// inodes by the thousand after an `rm -rf`). A late forget only keeps an engine node
+    /// alive a little longer: lookups and forgets are counts, so their order does not matter.
+    fn forget_later(&self, items: &[(u64, u64)]) {
+        if items.is_empty() {
+            return;
+        }
+        let (first, full) = {
+            let mut q = lock(&self.inner.forgets);
+            let first = q.is_empty();
+            q.extend_from_slice(items);
+            let full = q.len() >= FORGET_BATCH;
+            (first, full.then(|| std::mem::take(&mut *q)))
+        };
+        if let Some(items) = full {
             self.call(Request::Forget { items }, no_creds(), |_, _| {});
+        } else if first {
+            let me = self.clone();
+            self.inner.rt.spawn(async move {
+                tokio::time::sleep(FORGET_DELAY).await;
+                let items = std::mem::take(&mut *lock(&me.inner.forgets));
+                if !items.is_empty() {
+                    me.call(Request::Forget { items }, no_creds(), |_, _| {});
+                }
+            });
         }
     }
 
@@ -422,7 +455,8 @@ impl QtfsClient {
         }
     }
 
-    /// Sends `req` and calls `done` with the decoded response (or the errno) on a task.
+    /// Sends `req` and calls `done` with the decoded response (or the errno) where the answer
+    /// arrives (the link's reader task): `done` must not block.
     fn call<F>(&self, req: Request, creds: Creds, done: F)
     where
         F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
@@ -430,9 +464,9 @@ impl QtfsClient {
         let op = req.op();
         let payload = req.encode(&creds);
         let me = self.clone();
-        self.inner.rt.spawn(async move {
-            let started = Instant::now();
-            let r = match me.inner.transport.call(op, payload).await {
+        let started = Instant::now();
+        let answer: super::FsDone = Box::new(move |r| {
+            let r = match r {
                 Ok(b) => Response::decode(op, &b).map_err(|e| {
                     tracing::warn!(op, error = %e, "malformed qtfs reply");
                     libc::EIO
@@ -442,6 +476,9 @@ impl QtfsClient {
             me.inner.stats.record(op, started.elapsed(), r.is_err());
             done(&me, r);
         });
+        self.inner
+            .transport
+            .call_then(&self.inner.rt, op, payload, answer);
     }
 
     fn reply_entry(&self, r: Result<Response, i32>, reply: ReplyEntry) {
@@ -606,13 +643,7 @@ impl Filesystem for QtfsClient {
         if ino.0 & PROC_BASE != 0 || ino.0 == 1 {
             return;
         }
-        self.call(
-            Request::Forget {
-                items: vec![(ino.0, nlookup)],
-            },
-            no_creds(),
-            |_, _| {},
-        );
+        self.forget_later(&[(ino.0, nlookup)]);
     }
 
     fn getattr(&self, _req: &FuseRequest, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {

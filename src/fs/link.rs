@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::server::{FsPool, FsServer, FsServerOptions};
-use super::{FsCallError, FsTransport};
+use super::{FsCallError, FsDone, FsTransport};
 use crate::allowlist::SharedAllowlist;
 use crate::wire::{self, Addr, Auth, CallError, Hello, Link, LinkOptions, Psk, RemoteError, Role};
 
@@ -22,26 +22,35 @@ pub struct LinkTransport(pub Link);
 impl FsTransport for LinkTransport {
     fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, FsCallError>> {
         let link = self.0.clone();
-        Box::pin(async move {
-            link.call(op, payload).await.map_err(|e| match e {
-                CallError::Remote(r) => FsCallError {
-                    errno: r.errno,
-                    message: r.message,
-                },
-                CallError::Closed(why) => FsCallError {
-                    errno: libc::ENOTCONN,
-                    message: format!("link to the engine closed: {why}"),
-                },
-                CallError::Timeout => FsCallError {
-                    errno: libc::ETIMEDOUT,
-                    message: "the engine did not answer in time".into(),
-                },
-                CallError::TooLarge { len, max } => FsCallError {
-                    errno: libc::EFBIG,
-                    message: format!("request of {len} bytes exceeds the frame limit {max}"),
-                },
-            })
-        })
+        Box::pin(async move { link.call(op, payload).await.map_err(fs_error) })
+    }
+
+    /// Straight onto the link from the FUSE thread; the answer is handled on the link's reader
+    /// (no task hand-off either way).
+    fn call_then(&self, _rt: &tokio::runtime::Handle, op: u16, payload: Bytes, done: FsDone) {
+        self.0
+            .call_then(op, payload, move |r| done(r.map_err(fs_error)));
+    }
+}
+
+fn fs_error(e: CallError) -> FsCallError {
+    match e {
+        CallError::Remote(r) => FsCallError {
+            errno: r.errno,
+            message: r.message,
+        },
+        CallError::Closed(why) => FsCallError {
+            errno: libc::ENOTCONN,
+            message: format!("link to the engine closed: {why}"),
+        },
+        CallError::Timeout => FsCallError {
+            errno: libc::ETIMEDOUT,
+            message: "the engine did not answer in time".into(),
+        },
+        CallError::TooLarge { len, max } => FsCallError {
+            errno: libc::EFBIG,
+            message: format!("request of {len} bytes exceeds the frame limit {max}"),
+        },
     }
 }
 

@@ -62,9 +62,20 @@ impl From<std::io::Error> for Errno {
     }
 }
 
+/// A call's answer callback ([`FsTransport::call_then`]).
+pub type FsDone = Box<dyn FnOnce(Result<Bytes, FsCallError>) + Send>;
+
 /// How the fs client reaches an engine: one request, one response, many in flight.
 pub trait FsTransport: Send + Sync + 'static {
     fn call(&self, op: u16, payload: Bytes) -> BoxFuture<'static, Result<Bytes, FsCallError>>;
+
+    /// Sends a call from any thread and runs `done` with its answer, quick and non-blocking.
+    /// By default a task on `rt` awaits [`FsTransport::call`]; a transport that can answer
+    /// without a task of the caller's (the link) overrides it.
+    fn call_then(&self, rt: &tokio::runtime::Handle, op: u16, payload: Bytes, done: FsDone) {
+        let call = self.call(op, payload);
+        rt.spawn(async move { done(call.await) });
+    }
 }
 
 /// Calls an [`server::FsServer`] in the same process (tests, benchmarks, loopback setups).

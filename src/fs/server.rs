@@ -234,6 +234,20 @@ impl FsPool {
     }
 }
 
+/// Reads what the page cache holds of `buf.len()` bytes at `offset`, without blocking:
+/// (bytes read, end of file reached).
+fn read_cached(fd: RawFd, buf: &mut [u8], offset: u64) -> Result<(usize, bool), Errno> {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::pread_nowait(fd, &mut buf[got..], offset + got as u64)? {
+            Some(0) => return Ok((got, true)),
+            Some(n) => got += n,
+            None => break,
+        }
+    }
+    Ok((got, false))
+}
+
 /// Switches the current pool thread to `c` unless it already has it.
 fn assume(c: &Creds) -> io::Result<()> {
     CURRENT.with(|cur| {
@@ -1199,10 +1213,18 @@ impl FsServer {
             }
             Read { fh, offset, size } => {
                 let h = self.handle_of(fh)?;
+                let mut buf = vec![0u8; size.min(MAX_READ) as usize];
+                // Page-cache hits are read right here: cheaper than the two thread hand-offs
+                // to a pool thread and back. The rest (and anything that might block) is
+                // read on the pool.
+                let (got, eof) = read_cached(h.fd.as_raw_fd(), &mut buf, offset)?;
+                if eof || got == buf.len() {
+                    buf.truncate(got);
+                    return Ok(Response::Data(Bytes::from(buf)));
+                }
                 let data = pool
                     .run(None, move || {
-                        let mut buf = vec![0u8; size.min(MAX_READ) as usize];
-                        let mut got = 0;
+                        let mut got = got;
                         // Short reads from pipes/pseudo files end the loop; regular files
                         // are filled so the kernel does not mistake a short read for EOF.
                         while got < buf.len() {
@@ -1221,10 +1243,19 @@ impl FsServer {
             }
             Write { fh, offset, data } => {
                 let h = self.handle_of(fh)?;
+                // As for reads: a write the kernel can take without waiting (no dirty-page
+                // throttling, no block allocation that needs I/O) happens here.
+                // The pool writes what it did not take (after it: O_APPEND appends).
+                let done = sys::pwrite_nowait(h.fd.as_raw_fd(), &data, offset)?.unwrap_or(0);
+                if done == data.len() {
+                    return Ok(Response::Count(done as u64));
+                }
                 let n = pool
-                    .run(None, move || sys::pwrite(h.fd.as_raw_fd(), &data, offset))
+                    .run(None, move || {
+                        sys::pwrite(h.fd.as_raw_fd(), &data[done..], offset + done as u64)
+                    })
                     .await?;
-                Ok(Response::Count(n as u64))
+                Ok(Response::Count((done + n) as u64))
             }
             Flush { fh, .. } => {
                 let h = self.handle_of(fh)?;

@@ -237,6 +237,44 @@ pub fn pread(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
     Ok(cvt_l(n as libc::c_long)? as usize)
 }
 
+/// [`pread`] that never waits (`RWF_NOWAIT`): `None` when the data is not all in the page
+/// cache or the file cannot promise not to block (pipes, proc/sys files, filesystems
+/// without the flag); the caller then reads on a thread that may block.
+pub fn pread_nowait(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over a buffer valid for its length.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, off as i64, libc::RWF_NOWAIT) };
+    nowait_result(n)
+}
+
+/// [`pwrite`] that never waits (`RWF_NOWAIT`), as [`pread_nowait`].
+pub fn pwrite_nowait(fd: RawFd, buf: &[u8], off: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over a buffer valid for its length; the kernel only reads it.
+    let n = unsafe { libc::pwritev2(fd, &iov, 1, off as i64, libc::RWF_NOWAIT) };
+    nowait_result(n)
+}
+
+fn nowait_result(n: libc::ssize_t) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Would block, or this file (or kernel) cannot say: the blocking path decides.
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::ESPIPE) => {
+            Ok(None)
+        }
+        _ => Err(e),
+    }
+}
+
 pub fn pwrite(fd: RawFd, buf: &[u8], off: u64) -> io::Result<usize> {
     // SAFETY: buffer valid for its length.
     let n = unsafe { libc::pwrite64(fd, buf.as_ptr().cast(), buf.len(), off as i64) };

@@ -354,7 +354,32 @@ impl std::fmt::Debug for Link {
     }
 }
 
-type Reply = oneshot::Sender<Result<Bytes, CallError>>;
+/// What runs a call's answer: a waiting [`Link::call`], or [`Link::call_then`]'s callback.
+enum Reply {
+    Wait(oneshot::Sender<Result<Bytes, CallError>>),
+    Then(Done),
+}
+
+/// [`Link::call_then`]'s callback.
+type Done = Box<dyn FnOnce(Result<Bytes, CallError>) + Send>;
+
+impl Reply {
+    /// Delivers the answer. Never called with a state lock held: a callback may do anything
+    /// quick, including another call on this link.
+    fn deliver(self, result: Result<Bytes, CallError>) {
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            // A panicking callback costs its own call, not the reader that runs it.
+            Reply::Then(done) => {
+                if std::panic::catch_unwind(AssertUnwindSafe(|| done(result))).is_err() {
+                    tracing::error!("a call's answer callback panicked");
+                }
+            }
+        }
+    }
+}
 
 struct Inner {
     peer: PeerInfo,
@@ -384,6 +409,9 @@ struct Inner {
     queued: AtomicUsize,
     /// Wakes the writer to finish a flush the bypass could not complete.
     flush_needed: tokio::sync::Notify,
+    /// The runtime the link's tasks run on, for work started from other threads
+    /// ([`Link::call_then`]).
+    rt: tokio::runtime::Handle,
 }
 
 type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -453,8 +481,8 @@ impl Inner {
             });
             std::mem::take(&mut st.pending)
         };
-        for (_, tx) in pending {
-            let _ = tx.send(Err(CallError::Closed(reason.clone())));
+        for (_, reply) in pending {
+            reply.deliver(Err(CallError::Closed(reason.clone())));
         }
         let (opening, slots) = {
             let mut guard = lock(&self.streams);
@@ -519,16 +547,34 @@ impl Inner {
             return Err(CallError::Closed(c.reason.clone()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        st.pending.insert(id, tx);
+        st.pending.insert(id, Reply::Wait(tx));
         Ok((id, rx))
+    }
+
+    /// [`Inner::register`] for a callback; on a closed link the callback comes back with the
+    /// error.
+    fn register_then(&self, done: Done) -> Result<u64, (Done, CallError)> {
+        let mut st = lock(&self.state);
+        if let Some(c) = &st.close {
+            return Err((done, CallError::Closed(c.reason.clone())));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        st.pending.insert(id, Reply::Then(done));
+        Ok(id)
+    }
+
+    /// Fails a pending call that could not be sent (unless the close already failed it).
+    fn fail_unsent(&self, id: u64, e: CallError) {
+        let slot = lock(&self.state).pending.remove(&id);
+        if let Some(reply) = slot {
+            reply.deliver(Err(e));
+        }
     }
 
     fn complete(&self, id: u64, result: Result<Bytes, CallError>) {
         let slot = lock(&self.state).pending.remove(&id);
         match slot {
-            Some(tx) => {
-                let _ = tx.send(result);
-            }
+            Some(reply) => reply.deliver(result),
             // The caller gave up (timeout or dropped future): the late answer is discarded.
             None => {
                 tracing::debug!(peer = %self.peer.address, id, "answer for no pending call discarded")
@@ -692,6 +738,7 @@ impl Link {
             wr: tokio::sync::Mutex::new(None),
             queued: AtomicUsize::new(0),
             flush_needed: tokio::sync::Notify::new(),
+            rt: tokio::runtime::Handle::current(),
         });
         // Use the lock-free owned split when the transport is our Stream.
         let mut slot = Some(io);
@@ -745,6 +792,65 @@ impl Link {
         match answer {
             Ok(result) => result,
             Err(_) => Err(CallError::Closed(self.inner.close_reason())),
+        }
+    }
+
+    /// Calls `op` like [`Link::call`], but hands the answer to `done` instead of waiting for
+    /// it, so the caller needs no task: the request is written from the calling thread when
+    /// the writer is idle (the bypass) and `done` runs on the link's reader as the answer
+    /// arrives. Any thread may call this, inside the runtime or not; that is what saves a
+    /// thread hand-off each way for callers that live outside it (the FUSE session threads).
+    /// `done` must be quick and must not block; it runs exactly once, with the answer or the
+    /// error (at once, on this thread, when the call fails before it is sent). With a
+    /// `call_timeout` the call runs as a task of its own, as [`Link::call`] does.
+    pub fn call_then<F>(&self, op: u16, payload: Bytes, done: F)
+    where
+        F: FnOnce(Result<Bytes, CallError>) + Send + 'static,
+    {
+        let max = self.inner.opts.max_payload();
+        if payload.len() > max {
+            return done(Err(CallError::TooLarge {
+                len: payload.len(),
+                max,
+            }));
+        }
+        if self.inner.opts.call_timeout.is_some() {
+            let link = self.clone();
+            self.inner
+                .rt
+                .spawn(async move { done(link.call(op, payload).await) });
+            return;
+        }
+        let id = match self.inner.register_then(Box::new(done)) {
+            Ok(id) => id,
+            Err((done, e)) => return done(Err(e)),
+        };
+        self.inner
+            .stats
+            .requests_out
+            .fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::new(Kind::Request, op, id, payload);
+        if self.inner.bypass(&frame) {
+            return;
+        }
+        self.inner.queued.fetch_add(1, Ordering::SeqCst);
+        match self.inner.out.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                // A full queue: a task waits for room, as `call` would have.
+                self.inner.queued.fetch_sub(1, Ordering::SeqCst);
+                let inner = self.inner.clone();
+                self.inner.rt.spawn(async move {
+                    if let Err(e) = inner.send(frame).await {
+                        inner.fail_unsent(id, e);
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.inner.queued.fetch_sub(1, Ordering::SeqCst);
+                self.inner
+                    .fail_unsent(id, CallError::Closed(self.inner.close_reason()));
+            }
         }
     }
 
@@ -2135,6 +2241,65 @@ mod tests {
         assert_eq!(io::Error::from(e).raw_os_error(), Some(libc::EACCES));
         let e = b.call(99, Bytes::new()).await.unwrap_err();
         assert_eq!(e.errno(), libc::ENOSYS);
+    }
+
+    /// `call_then` from plain threads outside the runtime (as the FUSE session threads call
+    /// it): every answer reaches its own callback exactly once, errnos survive, a panicking
+    /// callback costs nothing else, and calls pending at a close (or made after it) fail
+    /// with `Closed` instead of never answering.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn call_then_from_plain_threads_answers_every_call_once() {
+        type Answer = (String, Result<Bytes, CallError>);
+        let (a, _b, _) = pair(LinkOptions::default());
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (a, tx) = (a.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let msg = format!("{t}-{i}");
+                        let tx = tx.clone();
+                        let sent = msg.clone();
+                        a.call_then(1, Bytes::from(msg), move |r| {
+                            let _ = tx.send((sent, r));
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let (sent, r) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an answer is missing")
+                .unwrap();
+            assert_eq!(r.unwrap(), sent.as_bytes());
+            assert!(seen.insert(sent), "an answer came twice");
+        }
+
+        let answer = |op: u16| {
+            let (tx, rx) = oneshot::channel();
+            a.call_then(op, Bytes::new(), move |r| {
+                let _ = tx.send(r);
+            });
+            rx
+        };
+        assert_eq!(answer(3).await.unwrap().unwrap_err().errno(), libc::EACCES);
+        a.call_then(1, Bytes::new(), |_| {
+            panic!("a callback panics (expected in this test)")
+        });
+        assert_eq!(a.call(1, Bytes::from_static(b"up")).await.unwrap(), "up");
+        let pending = answer(2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        a.close();
+        assert!(matches!(pending.await.unwrap(), Err(CallError::Closed(_))));
+        assert!(matches!(
+            answer(1).await.unwrap(),
+            Err(CallError::Closed(_))
+        ));
     }
 
     #[tokio::test]
