@@ -65,6 +65,9 @@ struct EngineArgs {
     /// File-service worker pool size
     #[arg(long)]
     threads: Option<usize>,
+    /// Runtime threads of the built-in udsproxyd peer
+    #[arg(long)]
+    uds_threads: Option<usize>,
     #[command(flatten)]
     common: CommonFlags,
 }
@@ -152,6 +155,9 @@ fn apply_args(config: &mut Config, a: &EngineArgs) -> Result<(), StartError> {
     if let Some(t) = a.threads {
         e.threads = t;
     }
+    if let Some(t) = a.uds_threads {
+        e.uds_threads = t;
+    }
     Ok(())
 }
 
@@ -229,6 +235,55 @@ pub struct Engine {
     /// The bounded pool every client's file syscalls run on (the original `<threads>`).
     pool: Arc<FsPool>,
     allowlist: crate::allowlist::SharedAllowlist,
+    /// The built-in udsproxyd peer's own runtime (with `peer`).
+    peer_rt: Option<PeerRuntime>,
+}
+
+/// The runtime of the built-in udsproxyd peer: `<uds threads>` workers of its own (the
+/// original's second thread count), apart from the file service's. Its listeners, links and
+/// proxied connections are all registered with this runtime's reactor, so a proxied message
+/// is received, forwarded and sent by the same few threads, never handed between the two
+/// roles' workers (measured: docs/performance.md). Shut down in the background when
+/// dropped, which is safe inside the engine's own runtime.
+struct PeerRuntime(Option<tokio::runtime::Runtime>);
+
+impl PeerRuntime {
+    fn new(threads: usize) -> std::io::Result<PeerRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("udsproxy")
+            .enable_all()
+            .build()?;
+        Ok(PeerRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the peer runtime lives until dropped")
+            .handle()
+    }
+
+    /// Runs `f` on this runtime (so what it binds is registered with this runtime's reactor)
+    /// and waits for it from any runtime.
+    async fn run<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        match self.handle().spawn(f).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+impl Drop for PeerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Engine {
@@ -254,12 +309,25 @@ impl Engine {
         let uds_listen =
             optional_addr(&e.uds_listen).map_err(|err| bad("engine.uds_listen", err))?;
         let uds_peer = optional_addr(&e.uds_peer).map_err(|err| bad("engine.uds_peer", err))?;
-        let uds_listener = match &uds_listen {
-            Some(addr) => Some(addr.bind().await.map_err(|source| StartError::Bind {
-                addr: addr.to_string(),
+        let peer_rt = if uds_listen.is_some() || uds_peer.is_some() {
+            let rt = PeerRuntime::new(e.uds_threads).map_err(|source| StartError::Bind {
+                addr: format!("a runtime of {} udsproxyd threads", e.uds_threads),
                 source,
-            })?),
-            None => None,
+            })?;
+            Some(rt)
+        } else {
+            None
+        };
+        let uds_listener = match (&uds_listen, &peer_rt) {
+            (Some(addr), Some(rt)) => {
+                let bind_addr = addr.clone();
+                let bound = rt.run(async move { bind_addr.bind().await }).await;
+                Some(bound.map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?)
+            }
+            _ => None,
         };
         let uds_addr = uds_listener.as_ref().map(|l| l.local_addr().to_string());
         let hello = Hello::new(Role::Engine);
@@ -280,10 +348,14 @@ impl Engine {
         });
         // The request socket is a convenience for HOST clients: the engine's main job is the
         // file service, so a path already served elsewhere costs a warning, not the start.
-        let uds_requests = match &uds {
-            Some(_) => {
+        let uds_requests = match (&uds, &peer_rt) {
+            (Some(_), Some(rt)) => {
                 let path = config.udsproxyd.request_socket_path(&config.common.run_dir);
-                match proxy::bind_request_socket(&path, config.udsproxyd.request_socket_mode) {
+                let (bind_path, mode) = (path.clone(), config.udsproxyd.request_socket_mode);
+                let bound = rt
+                    .run(async move { proxy::bind_request_socket(&bind_path, mode) })
+                    .await;
+                match bound {
                     Ok(l) => Some((l, path)),
                     Err(err) => {
                         tracing::warn!(error = %err, "the built-in udsproxyd peer serves no request socket: HOST clients cannot reach DPU sockets");
@@ -291,7 +363,7 @@ impl Engine {
                     }
                 }
             }
-            None => None,
+            _ => None,
         };
         tracing::info!(listen = %fs_bound, uds_listen = ?uds_addr, "engine listening");
         Ok(Arc::new(Engine {
@@ -312,6 +384,7 @@ impl Engine {
             rejected: Arc::new(AtomicU64::new(0)),
             pool,
             allowlist: daemon.allowlist.clone(),
+            peer_rt,
         }))
     }
 
@@ -348,7 +421,8 @@ impl Engine {
                 shutdown.clone(),
             )));
         }
-        if let Some(peer) = &self.peer {
+        if let (Some(peer), Some(rt)) = (&self.peer, &self.peer_rt) {
+            let rt = rt.handle();
             let listener = self
                 .uds_listener
                 .lock()
@@ -361,15 +435,13 @@ impl Engine {
                 .take();
             if let (Some(uds), Some((requests, path))) = (&self.uds, requests) {
                 let (uds, peer, shutdown) = (uds.clone(), peer.clone(), shutdown.clone());
-                tasks.push(tokio::spawn(async move {
+                tasks.push(rt.spawn(async move {
                     uds.serve_requests(requests, peer, shutdown).await;
                     let _ = std::fs::remove_file(path);
                 }));
             }
             let peer = peer.clone();
-            tasks.push(tokio::spawn(
-                async move { peer.run(listener, shutdown).await },
-            ));
+            tasks.push(rt.spawn(async move { peer.run(listener, shutdown).await }));
         }
         tasks
     }
