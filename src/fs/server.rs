@@ -28,14 +28,14 @@ use super::Errno;
 use crate::allowlist::{ListType, SharedAllowlist};
 use bytes::Bytes;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Largest read the engine serves in one request (the client asks for at most max_read).
 const MAX_READ: u32 = 16 << 20;
@@ -106,9 +106,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Dedicated, not tokio's blocking pool, because each thread changes its own fsuid/fsgid,
 /// groups and umask, which must never leak into unrelated blocking work.
 pub struct FsPool {
-    /// Job queue; workers take turns receiving. Dropping the pool closes it and the
-    /// workers exit after finishing what they hold.
-    tx: Mutex<mpsc::Sender<Job>>,
+    /// Job queue. Dropping the pool closes it and the workers exit after finishing what
+    /// they hold.
+    queue: Arc<JobQueue>,
     threads: usize,
     /// The engine's own identity, restored after a [`FsPool::quick`] call.
     own: Creds,
@@ -116,6 +116,57 @@ pub struct FsPool {
     /// syscalls may run on runtime threads too: pool threads get umask 0 by unsharing their
     /// fs_struct, runtime threads share the process's.
     umask_zero: bool,
+}
+
+/// The pool's job queue: one lock and one condition variable, so a job wakes exactly one idle
+/// worker (a shared `mpsc::Receiver` behind a mutex woke two: the receiver, then the next
+/// thread waiting for the mutex).
+#[derive(Default)]
+struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+impl JobQueue {
+    fn push(&self, job: Job) {
+        self.lock().jobs.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    fn take(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for FsPool {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 thread_local! {
@@ -128,23 +179,15 @@ impl FsPool {
     pub fn new(threads: usize) -> io::Result<Arc<FsPool>> {
         sys::raise_nofile();
         let threads = threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(JobQueue::default());
         for i in 0..threads {
-            let rx = rx.clone();
+            let queue = queue.clone();
             std::thread::Builder::new().name(format!("qtfs-io-{i}")).spawn(move || {
                 if let Err(e) = sys::private_fs_umask_zero() {
                     tracing::warn!(error = %e, "qtfs worker could not get a private umask; created files follow the engine's umask");
                 }
-                loop {
-                    let job = {
-                        let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
-                        guard.recv()
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
-                    }
+                while let Some(job) = queue.take() {
+                    job();
                 }
             })?;
         }
@@ -156,7 +199,7 @@ impl FsPool {
                 .unwrap_or_default(),
         };
         Ok(Arc::new(FsPool {
-            tx: Mutex::new(tx),
+            queue,
             threads,
             own,
             umask_zero: sys::process_umask() == Some(0),
@@ -183,11 +226,7 @@ impl FsPool {
             };
             let _ = tx.send(r);
         });
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .map_err(|_| Errno(libc::ESHUTDOWN))?;
+        self.queue.push(job);
         match rx.await {
             Ok(r) => r.map_err(Errno::from),
             Err(_) => Err(Errno(libc::EIO)),
@@ -1467,6 +1506,41 @@ impl FdRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every job runs exactly once across the workers, and closing lets them finish what is
+    /// queued and exit.
+    #[test]
+    fn job_queue_runs_each_job_once_and_drains_on_close() {
+        let queue = Arc::new(JobQueue::default());
+        let ran = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let queue = queue.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while let Some(job) = queue.take() {
+                        job();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        for _ in 0..10_000 {
+            let ran = ran.clone();
+            queue.push(Box::new(move || {
+                ran.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        queue.close();
+        let taken: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(taken, 10_000);
+        assert_eq!(ran.load(Ordering::Relaxed), 10_000);
+        assert!(
+            queue.take().is_none(),
+            "a closed, empty queue hands out nothing"
+        );
+    }
 
     #[tokio::test]
     async fn quick_runs_as_the_caller_and_gives_the_identity_back() {
