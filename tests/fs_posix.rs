@@ -948,3 +948,73 @@ fn missing_xattrs_are_remembered_but_a_set_is_seen_at_once() {
     );
     assert_eq!(&buf[..2], b"v1");
 }
+
+/// With `writeback` the kernel keeps file times itself and writes them back (a SETATTR of
+/// mtime and ctime it waits for) after every rename and unlink. When the mtime is the one the
+/// engine just reported there is nothing to write, and the mount answers without a round trip;
+/// a time that did change still reaches the HOST.
+#[test]
+fn writeback_unchanged_time_write_back_costs_no_round_trip() {
+    let opts = ClientOptions {
+        writeback: true,
+        attr_ttl: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_with(
+        |p| StaticPolicy::new().with(ListType::Mount, p),
+        opts,
+        |t| t,
+    ) else {
+        return;
+    };
+    for i in 0..20 {
+        fs::write(fx.export().join(format!("f{i}")), b"x").unwrap();
+        fs::metadata(fx.mnt().join(format!("f{i}"))).unwrap();
+    }
+    let mount = fx.mount.as_ref().unwrap();
+    let setattrs = || {
+        mount
+            .stats()
+            .snapshot()
+            .get("setattr")
+            .map_or(0, |s| s.count)
+    };
+    let before = setattrs();
+    for i in 0..20 {
+        fs::rename(
+            fx.mnt().join(format!("f{i}")),
+            fx.mnt().join(format!("g{i}")),
+        )
+        .unwrap();
+    }
+    for i in 0..10 {
+        fs::remove_file(fx.mnt().join(format!("g{i}"))).unwrap();
+    }
+    assert_eq!(
+        setattrs(),
+        before,
+        "unchanged times were written back through the engine"
+    );
+    assert!(fx.export().join("g10").exists() && !fx.export().join("g0").exists());
+
+    // A time that changed is written: set through the mount, seen on the HOST.
+    let path = CString::new(fx.mnt().join("g10").as_os_str().as_bytes()).unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: valid C string and a two-element timespec array.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        fs::metadata(fx.export().join("g10")).unwrap().mtime(),
+        1_000_000_000
+    );
+    assert!(setattrs() > before);
+}

@@ -96,6 +96,9 @@ struct Inner {
     xattr_absent: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
     /// Forgets not yet sent ([`QtfsClient::forget_later`]).
     forgets: Mutex<Vec<(u64, u64)>>,
+    /// With `writeback` only: the attributes last given to the kernel per inode, and when
+    /// ([`QtfsClient::unchanged_times`]).
+    attrs: Mutex<HashMap<u64, (FileAttr, Instant)>>,
 }
 
 /// Above this many remembered absent xattrs the cache starts over.
@@ -106,6 +109,8 @@ type CachedGroups = (Instant, Arc<[u32]>);
 
 /// How long a caller's supplementary groups are reused without re-reading /proc.
 const GROUPS_TTL: Duration = Duration::from_secs(1);
+/// Most inodes whose attributes a writeback mount remembers (then it starts afresh).
+const ATTRS_CACHE_MAX: usize = 65536;
 /// How late a forget may reach the engine, and how many are sent at once without waiting.
 const FORGET_DELAY: Duration = Duration::from_millis(5);
 const FORGET_BATCH: usize = 1024;
@@ -252,6 +257,7 @@ impl QtfsClient {
                 stats: Arc::new(MountStats::new()),
                 xattr_absent: Mutex::new(HashMap::new()),
                 forgets: Mutex::new(Vec::new()),
+                attrs: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -388,6 +394,12 @@ impl QtfsClient {
         if items.is_empty() {
             return;
         }
+        if self.inner.opts.writeback {
+            let mut cache = lock(&self.inner.attrs);
+            for (node, _) in items {
+                cache.remove(&self.ino(*node));
+            }
+        }
         let (first, full) = {
             let mut q = lock(&self.inner.forgets);
             let first = q.is_empty();
@@ -436,6 +448,29 @@ impl QtfsClient {
     }
 
     fn file_attr(&self, node: u64, a: &Attr) -> FileAttr {
+        let attr = self.convert_attr(node, a);
+        if self.inner.opts.writeback {
+            let mut cache = lock(&self.inner.attrs);
+            if cache.len() >= ATTRS_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(attr.ino.0, (attr, Instant::now()));
+        }
+        attr
+    }
+
+    /// With `writeback` the kernel keeps a file's times itself and, after every rename or
+    /// unlink (a ctime change), writes them back with a SETATTR of mtime and ctime, and waits
+    /// for it. When that mtime is the one the engine last reported, within the attribute
+    /// TTL, there is nothing to write (the HOST sets ctime itself): the last attributes are
+    /// the answer, without a round trip.
+    fn unchanged_times(&self, ino: u64, mtime: SystemTime) -> Option<FileAttr> {
+        let cache = lock(&self.inner.attrs);
+        let (attr, at) = cache.get(&ino)?;
+        (at.elapsed() < self.inner.opts.attr_ttl && attr.mtime == mtime).then_some(*attr)
+    }
+
+    fn convert_attr(&self, node: u64, a: &Attr) -> FileAttr {
         FileAttr {
             ino: INodeNo(self.ino(node)),
             size: a.size,
@@ -702,6 +737,12 @@ impl Filesystem for QtfsClient {
         ] {
             if cond {
                 valid |= bit;
+            }
+        }
+        if let (set::MTIME, Some(TimeOrNow::SpecificTime(t))) = (valid, mtime) {
+            if let Some(attr) = self.unchanged_times(ino.0, t) {
+                reply.attr(&self.inner.opts.attr_ttl, &attr);
+                return;
             }
         }
         let s = proto::SetAttr {
