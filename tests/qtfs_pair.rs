@@ -148,6 +148,11 @@ fn mount_read_write_and_umount_through_the_engine() {
             > 0,
         "the engine counts the requests it served: {st}"
     );
+    // The file pool's gauges: the default 16 threads, none busy or waiting once idle.
+    let counters = &st["daemons"][0]["counters"];
+    assert_eq!(counters["fs_pool_threads"], 16, "{st}");
+    assert_eq!(counters["fs_pool_busy"], 0, "{st}");
+    assert_eq!(counters["fs_pool_queued"], 0, "{st}");
     // The mount process registers its own control socket: status shows the mount, its
     // engine link and per-operation figures.
     let st = t.dpu.status().unwrap();

@@ -470,6 +470,10 @@ impl StatusSource for Engine {
                 self.rejected.load(Ordering::Relaxed),
             ),
         ]);
+        let (busy, queued) = self.pool.load();
+        c.insert("fs_pool_threads".to_string(), self.pool.threads() as u64);
+        c.insert("fs_pool_busy".to_string(), busy as u64);
+        c.insert("fs_pool_queued".to_string(), queued as u64);
         if let Some(uds) = &self.uds {
             c.extend(uds.registry().counters());
         }

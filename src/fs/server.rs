@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Largest read the engine serves in one request (the client asks for at most max_read).
@@ -125,6 +125,8 @@ pub struct FsPool {
 struct JobQueue {
     state: Mutex<QueueState>,
     ready: Condvar,
+    /// Workers running a job now.
+    busy: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -187,7 +189,9 @@ impl FsPool {
                     tracing::warn!(error = %e, "qtfs worker could not get a private umask; created files follow the engine's umask");
                 }
                 while let Some(job) = queue.take() {
+                    queue.busy.fetch_add(1, Ordering::Relaxed);
                     job();
+                    queue.busy.fetch_sub(1, Ordering::Relaxed);
                 }
             })?;
         }
@@ -209,6 +213,15 @@ impl FsPool {
     /// Number of worker threads.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Workers running a syscall now, and jobs waiting for one: when `queued` stays above
+    /// zero the pool is the bottleneck (raise `<threads>`).
+    pub fn load(&self) -> (usize, usize) {
+        (
+            self.queue.busy.load(Ordering::Relaxed),
+            self.queue.lock().jobs.len(),
+        )
     }
 
     /// Runs `f` on a worker, as `creds` when given (otherwise with whatever identity the
