@@ -4,7 +4,7 @@
 #[path = "fs_common/mod.rs"]
 mod common;
 
-use common::{code, setup, setup_with};
+use common::{code, setup, setup_opts, setup_with};
 use dpuctl::allowlist::ListType;
 use dpuctl::fs::client::ClientOptions;
 use dpuctl::fs::server::StaticPolicy;
@@ -619,11 +619,7 @@ fn root_squash_maps_root_to_nobody() {
         root_squash: true,
         ..ClientOptions::default()
     };
-    let Some(fx) = setup_with(
-        |p| StaticPolicy::new().with(ListType::Mount, p),
-        opts,
-        |t| t,
-    ) else {
+    let Some(fx) = setup_opts(opts) else {
         return;
     };
     fs::set_permissions(fx.export(), fs::Permissions::from_mode(0o777)).unwrap();
@@ -638,11 +634,7 @@ fn read_only_mount_refuses_writes() {
         read_only: true,
         ..ClientOptions::default()
     };
-    let Some(fx) = setup_with(
-        |p| StaticPolicy::new().with(ListType::Mount, p),
-        opts,
-        |t| t,
-    ) else {
+    let Some(fx) = setup_opts(opts) else {
         return;
     };
     fs::write(fx.export().join("f"), b"x").unwrap();
@@ -765,11 +757,7 @@ fn proc_mode_links_local_processes_to_local_proc() {
         local_proc: "/proc".into(),
         ..ClientOptions::default()
     };
-    let Some(fx) = setup_with(
-        |p| StaticPolicy::new().with(ListType::Mount, p),
-        opts,
-        |t| t,
-    ) else {
+    let Some(fx) = setup_opts(opts) else {
         return;
     };
     fs::create_dir(fx.export().join("999999999")).unwrap();
@@ -960,11 +948,7 @@ fn writeback_unchanged_time_write_back_costs_no_round_trip() {
         attr_ttl: Duration::from_secs(30),
         ..ClientOptions::default()
     };
-    let Some(fx) = setup_with(
-        |p| StaticPolicy::new().with(ListType::Mount, p),
-        opts,
-        |t| t,
-    ) else {
+    let Some(fx) = setup_opts(opts) else {
         return;
     };
     for i in 0..20 {
@@ -998,20 +982,12 @@ fn writeback_unchanged_time_write_back_costs_no_round_trip() {
     assert!(fx.export().join("g10").exists() && !fx.export().join("g0").exists());
 
     // A time that changed is written: set through the mount, seen on the HOST.
-    let path = CString::new(fx.mnt().join("g10").as_os_str().as_bytes()).unwrap();
-    let times = [
-        libc::timespec {
-            tv_sec: 1_000_000_000,
-            tv_nsec: 0,
-        },
-        libc::timespec {
-            tv_sec: 1_000_000_000,
-            tv_nsec: 0,
-        },
-    ];
-    // SAFETY: valid C string and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(fx.mnt().join("g10"))
+        .unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+        .unwrap();
     assert_eq!(
         fs::metadata(fx.export().join("g10")).unwrap().mtime(),
         1_000_000_000

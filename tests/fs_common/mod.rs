@@ -88,9 +88,14 @@ pub fn setup_with(
 }
 
 pub fn setup() -> Option<Fixture> {
+    setup_opts(ClientOptions::default())
+}
+
+/// [`setup`] with these mount options.
+pub fn setup_opts(opts: ClientOptions) -> Option<Fixture> {
     setup_with(
         |p| StaticPolicy::new().with(ListType::Mount, p),
-        ClientOptions::default(),
+        opts,
         |t| t,
     )
 }
