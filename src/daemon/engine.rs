@@ -265,16 +265,16 @@ impl PeerRuntime {
     }
 
     /// Runs `f` on this runtime (so what it binds is registered with this runtime's reactor)
-    /// and waits for it from any runtime.
-    async fn run<T, F>(&self, f: F) -> T
+    /// and waits for it from any runtime; a task that panicked is an error, not a panic here.
+    async fn run<T, F>(&self, f: F) -> std::io::Result<T>
     where
         T: Send + 'static,
         F: std::future::Future<Output = T> + Send + 'static,
     {
-        match self.handle().spawn(f).await {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        self.handle()
+            .spawn(f)
+            .await
+            .map_err(|e| std::io::Error::other(format!("the udsproxyd runtime lost its task: {e}")))
     }
 }
 
@@ -322,7 +322,7 @@ impl Engine {
             (Some(addr), Some(rt)) => {
                 let bind_addr = addr.clone();
                 let bound = rt.run(async move { bind_addr.bind().await }).await;
-                Some(bound.map_err(|source| StartError::Bind {
+                Some(bound.and_then(|b| b).map_err(|source| StartError::Bind {
                     addr: addr.to_string(),
                     source,
                 })?)
@@ -354,7 +354,9 @@ impl Engine {
                 let (bind_path, mode) = (path.clone(), config.udsproxyd.request_socket_mode);
                 let bound = rt
                     .run(async move { proxy::bind_request_socket(&bind_path, mode) })
-                    .await;
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| b.map_err(|e| e.to_string()));
                 match bound {
                     Ok(l) => Some((l, path)),
                     Err(err) => {
