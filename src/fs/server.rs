@@ -155,6 +155,15 @@ impl JobQueue {
         }
     }
 
+    /// A worker's life: runs jobs, counted in `busy`, until the queue is closed and empty.
+    fn serve(&self) {
+        while let Some(job) = self.take() {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            job();
+            self.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
@@ -188,11 +197,7 @@ impl FsPool {
                 if let Err(e) = sys::private_fs_umask_zero() {
                     tracing::warn!(error = %e, "qtfs worker could not get a private umask; created files follow the engine's umask");
                 }
-                while let Some(job) = queue.take() {
-                    queue.busy.fetch_add(1, Ordering::Relaxed);
-                    job();
-                    queue.busy.fetch_sub(1, Ordering::Relaxed);
-                }
+                queue.serve();
             })?;
         }
         let own = Creds {

@@ -563,6 +563,18 @@ impl Inner {
         Ok(id)
     }
 
+    /// A request payload must fit in one frame.
+    fn check_size(&self, payload: &Bytes) -> Result<(), CallError> {
+        let max = self.opts.max_payload();
+        if payload.len() > max {
+            return Err(CallError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Fails a pending call that could not be sent (unless the close already failed it).
     fn fail_unsent(&self, id: u64, e: CallError) {
         let slot = lock(&self.state).pending.remove(&id);
@@ -762,13 +774,7 @@ impl Link {
 
     /// Calls `op` on the peer's service and waits for its answer.
     pub async fn call(&self, op: u16, payload: Bytes) -> Result<Bytes, CallError> {
-        let max = self.inner.opts.max_payload();
-        if payload.len() > max {
-            return Err(CallError::TooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
+        self.inner.check_size(&payload)?;
         let (id, rx) = self.inner.register()?;
         let _guard = PendingGuard {
             inner: &self.inner,
@@ -807,12 +813,8 @@ impl Link {
     where
         F: FnOnce(Result<Bytes, CallError>) + Send + 'static,
     {
-        let max = self.inner.opts.max_payload();
-        if payload.len() > max {
-            return done(Err(CallError::TooLarge {
-                len: payload.len(),
-                max,
-            }));
+        if let Err(e) = self.inner.check_size(&payload) {
+            return done(Err(e));
         }
         if self.inner.opts.call_timeout.is_some() {
             let link = self.clone();
