@@ -393,7 +393,12 @@ impl PidFile {
             if !dir.is_dir() {
                 std::fs::create_dir_all(&dir)?;
             }
-            std::fs::write(&path, format!("{remote_pid}\n"))
+            // Written beside and renamed into place, so a reader never sees an empty entry.
+            let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+            std::fs::write(&tmp, format!("{remote_pid}\n"))?;
+            std::fs::rename(&tmp, &path).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
         };
         match write() {
             Ok(()) => PidFile(Some(path)),
