@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn c(p: &Path) -> CString {
@@ -993,4 +994,88 @@ fn writeback_unchanged_time_write_back_costs_no_round_trip() {
         1_000_000_000
     );
     assert!(setattrs() > before);
+}
+
+/// A new engine (fresh node and handle tables, as after an engine restart) takes the mount
+/// over with `reattach`: open files, a directory handle, renamed and deep inodes keep working
+/// under the same inode numbers; a name that now holds another HOST file, and a file deleted
+/// meanwhile, are lost (ESTALE/EBADF on the old handle, the path finds the new file).
+#[test]
+fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
+    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
+    use dpuctl::fs::InProcessTransport;
+    use std::os::unix::fs::FileExt;
+    let opts = ClientOptions {
+        direct_io: true, // every read reaches the engine
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    let (exp, mnt) = (fx.export(), fx.mnt());
+    fs::create_dir_all(exp.join("dir/deep")).unwrap();
+    fs::write(exp.join("dir/a"), b"alpha").unwrap();
+    fs::write(exp.join("dir/b"), b"bravo").unwrap();
+    fs::write(exp.join("dir/deep/c"), b"charlie").unwrap();
+    fs::write(exp.join("dir/gone"), b"x").unwrap();
+    let a = File::open(mnt.join("dir/a")).unwrap();
+    let b = File::open(mnt.join("dir/b")).unwrap();
+    let mut w = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("dir/deep/c"))
+        .unwrap();
+    fs::rename(mnt.join("dir/deep/c"), mnt.join("dir/deep/c2")).unwrap();
+    let dir = File::open(mnt.join("dir")).unwrap();
+    let ino_a = fs::metadata(mnt.join("dir/a")).unwrap().ino();
+    fs::metadata(mnt.join("dir/gone")).unwrap();
+    // Meanwhile, on the HOST: b is replaced by another file, gone is deleted.
+    fs::write(exp.join("dir/b.new"), b"BRAVO2").unwrap();
+    fs::rename(exp.join("dir/b.new"), exp.join("dir/b")).unwrap();
+    fs::remove_file(exp.join("dir/gone")).unwrap();
+
+    let canon = fs::canonicalize(&exp).unwrap();
+    let fresh = Arc::new(FsServer::with_policy(
+        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
+        FsServerOptions {
+            pool: FsPool::new(2).unwrap(),
+        },
+    ));
+    let client = fx.mount.as_ref().unwrap().client();
+    let restored = fx
+        .rt
+        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
+        .expect("reattach");
+    assert_eq!(
+        restored.files, 3,
+        "a, c2 and dir are reopened: {restored:?}"
+    );
+    assert_eq!(restored.files_lost, 1, "b's handle is lost: {restored:?}");
+    assert_eq!(restored.nodes, 4, "dir, a, deep, c2: {restored:?}");
+    assert_eq!(restored.nodes_lost, 2, "the old b and gone: {restored:?}");
+    assert_eq!(fresh.handle_count(), 3);
+
+    let mut buf = [0u8; 16];
+    let n = a.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"alpha");
+    assert_eq!(
+        code(b.read_at(&mut buf, 0)),
+        libc::EBADF,
+        "the replaced file's handle is gone"
+    );
+    w.write_all(b"+more").unwrap();
+    assert_eq!(fs::read(exp.join("dir/deep/c2")).unwrap(), b"charlie+more");
+    assert!(dir.metadata().unwrap().is_dir());
+    assert_eq!(fs::read(mnt.join("dir/b")).unwrap(), b"BRAVO2");
+    assert_eq!(fs::metadata(mnt.join("dir/a")).unwrap().ino(), ino_a);
+    // The lost node answers ESTALE, on which the kernel looks the path up again.
+    assert_eq!(code(File::open(mnt.join("dir/gone"))), libc::ENOENT);
+    let mut names: Vec<_> = fs::read_dir(mnt.join("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "deep"]);
+    fs::write(mnt.join("dir/new"), b"n").unwrap();
+    assert_eq!(fs::read(exp.join("dir/new")).unwrap(), b"n");
+    drop((a, b, w, dir));
 }

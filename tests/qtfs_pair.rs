@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{s, text, Scratch, Side};
@@ -15,6 +16,29 @@ struct Setup {
     fs: String,
     key: std::path::PathBuf,
     export: std::path::PathBuf,
+    whitelist: std::path::PathBuf,
+}
+
+/// The HOST side: an engine serving qtfs only, on `fs`.
+fn start_engine(name: &str, scratch: &Scratch, fs: &str, key: &Path, wl: &Path) -> Side {
+    let host = Side::start(
+        name,
+        scratch,
+        &[
+            "engine",
+            "--no-uds",
+            "--listen",
+            &format!("tcp://{fs}"),
+            "--key",
+            s(key),
+            "--whitelist",
+            s(wl),
+        ],
+    );
+    host.wait_status("engine up", Duration::from_secs(10), |st| {
+        st["daemons"][0]["name"] == "engine"
+    });
+    host
 }
 
 fn setup() -> Setup {
@@ -28,20 +52,7 @@ fn setup() -> Setup {
         &format!("[Mount]\nPath={};/proc;/sys/fs/cgroup\n", s(&export)),
     );
     let fs = format!("127.0.0.1:{}", common::free_port());
-    let host = Side::start(
-        "host",
-        &scratch,
-        &[
-            "engine",
-            "--no-uds",
-            "--listen",
-            &format!("tcp://{fs}"),
-            "--key",
-            s(&key),
-            "--whitelist",
-            s(&wl),
-        ],
-    );
+    let host = start_engine("host", &scratch, &fs, &key, &wl);
     // The DPU side's anchor process: a udsproxyd that only listens.
     let dpu_wl = scratch.write("dpu-whitelist", "");
     let dpu = Side::start(
@@ -57,9 +68,6 @@ fn setup() -> Setup {
             s(&dpu_wl),
         ],
     );
-    host.wait_status("engine up", Duration::from_secs(10), |st| {
-        st["daemons"][0]["name"] == "engine"
-    });
     dpu.wait_status("udsproxyd up", Duration::from_secs(10), |st| {
         st["daemons"][0]["name"] == "udsproxyd"
     });
@@ -70,6 +78,7 @@ fn setup() -> Setup {
         fs,
         key,
         export,
+        whitelist: wl,
     }
 }
 
@@ -313,6 +322,103 @@ fn engine_death_fails_operations_instead_of_hanging() {
         "fsync'ed data kept"
     );
     let _ = t.dpu.sh("umount -l /run/m");
+}
+
+/// The engine restarts under a busy mount: the mount dials it again and gives it back the
+/// inodes and open files the DPU kernel holds, so open files, a working directory and
+/// inode numbers survive, and new operations work without remounting.
+#[test]
+fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
+    require_fuse!();
+    let mut t = setup();
+    std::fs::create_dir_all(t.export.join("d/sub")).unwrap();
+    std::fs::write(t.export.join("d/sub/f"), "deep\n").unwrap();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts}",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    // A process in the mount with a read fd, an append fd and its working directory there,
+    // waiting for the engine to come back.
+    let holder = r#"(
+        cd /run/m/d && exec 3</run/m/hello.txt 4>>/run/m/d/log || exit 1
+        stat -c %i sub/f > /run/ino.before
+        touch /run/ready
+        while [ ! -e /run/go ]; do sleep 0.05; done
+        cat <&3 > /run/out.read
+        echo after >&4
+        ls > /run/out.ls
+        cat sub/f > /run/out.deep
+        stat -c %i sub/f > /run/ino.after
+        touch /run/done
+    ) </dev/null >/run/holder.log 2>&1 &
+    for i in $(seq 200); do [ -e /run/ready ] && exit 0; sleep 0.05; done; exit 1"#;
+    let out = t.dpu.sh(holder);
+    assert!(out.status.success(), "holder not ready: {}", text(&out));
+
+    let mount_of = |st: &serde_json::Value| {
+        st["daemons"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == "mount").cloned())
+            .unwrap_or_default()
+    };
+    t.host.stop();
+    let out = t.dpu.sh("cat /run/m/hello.txt");
+    assert!(!out.status.success(), "the engine is down: {}", text(&out));
+    t.dpu
+        .wait_status("the mount reconnecting", Duration::from_secs(10), |st| {
+            mount_of(st)["mount"]["state"] == "reconnecting"
+        });
+    t.host = start_engine("host2", &t.scratch, &t.fs, &t.key, &t.whitelist);
+    t.dpu
+        .wait_status("the mount back", Duration::from_secs(15), |st| {
+            let m = mount_of(st);
+            m["counters"]["reconnects"] == 1 && m["mount"]["state"] == "mounted"
+        });
+
+    let out = t
+        .dpu
+        .sh("touch /run/go; for i in $(seq 200); do [ -e /run/done ] && break; sleep 0.05; done; cat /run/holder.log");
+    assert!(out.status.success(), "{}", text(&out));
+    let read = |p: &str| std::fs::read_to_string(t.dpu.inside(p)).unwrap_or_default();
+    assert_eq!(
+        read("/run/out.read"),
+        "hello from the HOST\n",
+        "{}",
+        read("/run/holder.log")
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.export.join("d/log")).unwrap(),
+        "after\n"
+    );
+    assert!(
+        read("/run/out.ls").contains("sub"),
+        "{}",
+        read("/run/holder.log")
+    );
+    assert_eq!(read("/run/out.deep"), "deep\n");
+    assert_eq!(
+        read("/run/ino.after"),
+        read("/run/ino.before"),
+        "inode numbers kept"
+    );
+    // New work needs no remount; the new engine holds what the DPU uses, no more.
+    let out = t
+        .dpu
+        .sh("echo new > /run/m/d/new && cat /run/m/d/new && ls /run/m/d/sub");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "new\nf\n");
+    let out = t.dpu.sh("umount /run/m");
+    assert!(out.status.success(), "{}", text(&out));
+    let engine = t
+        .host
+        .wait_status("mount gone", Duration::from_secs(10), |st| {
+            st["daemons"][0]["peers"]
+                .as_array()
+                .is_some_and(|p| !p.iter().any(|p| p["role"] == "mount"))
+        });
+    assert!(engine.is_object());
 }
 
 /// `negative_timeout`: absent names are remembered only when asked for, and a create through

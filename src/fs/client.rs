@@ -10,6 +10,7 @@
 //! Concurrency: the fuser session threads only decode, encode and spawn; all waiting happens
 //! in tasks on the given runtime. The client holds no per-request state of its own.
 
+use super::known::{Known, KnownFile};
 use super::proto::{self, set, Attr, Creds, Entry, Lock, Request, Response, SetTime, Time};
 use super::stats::MountStats;
 use super::{FsCallError, FsTransport};
@@ -25,7 +26,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest write the kernel sends in one request (and readahead window).
@@ -75,10 +77,16 @@ impl Default for ClientOptions {
 }
 
 struct Inner {
-    transport: Arc<dyn FsTransport>,
+    /// Replaced by [`QtfsClient::reattach`] after a reconnect.
+    transport: RwLock<Arc<dyn FsTransport>>,
     rt: tokio::runtime::Handle,
     opts: ClientOptions,
-    root: u64,
+    /// The exported HOST path (mounted again after a reconnect).
+    remote: PathBuf,
+    /// The engine's node id of the export root (FUSE ino 1); new after a reconnect.
+    root: AtomicU64,
+    /// What a reconnect restores ([`Known`]).
+    known: Mutex<Known>,
     /// Supplementary groups by caller pid, read from /proc at most once per
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
     groups: Mutex<HashMap<u32, CachedGroups>>,
@@ -213,6 +221,58 @@ fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
+/// Mounts `remote` on the engine (the `[Mount]` check happens there) and returns the node id
+/// of its root. The mount itself runs with the engine's identity: the allowlist decides.
+async fn mount_root(
+    transport: &dyn FsTransport,
+    remote: &Path,
+    opts: &ClientOptions,
+) -> Result<u64, FsCallError> {
+    let mut flags = 0;
+    if opts.read_only {
+        flags |= proto::mount_flags::READ_ONLY;
+    }
+    if opts.root_squash {
+        flags |= proto::mount_flags::ROOT_SQUASH;
+    }
+    let req = Request::Mount {
+        path: remote.as_os_str().as_bytes().to_vec(),
+        flags,
+    };
+    match call(transport, &req, &Creds::default()).await? {
+        Response::Entry(e) => Ok(e.node),
+        _ => Err(FsCallError {
+            errno: libc::EPROTO,
+            message: "malformed mount reply from the engine".into(),
+        }),
+    }
+}
+
+/// One request over `transport`, awaited.
+async fn call(
+    transport: &dyn FsTransport,
+    req: &Request,
+    creds: &Creds,
+) -> Result<Response, FsCallError> {
+    let bytes = transport.call(req.op(), req.encode(creds)).await?;
+    Response::decode(req.op(), &bytes).map_err(|e| FsCallError {
+        errno: libc::EPROTO,
+        message: format!("malformed reply from the engine: {e}"),
+    })
+}
+
+/// What [`QtfsClient::reattach`] gave back to a new engine, and what it could not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Restored {
+    pub nodes: usize,
+    pub nodes_lost: usize,
+    pub files: usize,
+    pub files_lost: usize,
+}
+
+/// Relookups and reopens in flight at once during a reattach.
+const RESTORE_WINDOW: usize = 256;
+
 impl QtfsClient {
     /// Attaches to `remote_path` on the engine (the `[Mount]` check happens there) and
     /// returns a filesystem ready to be mounted.
@@ -221,36 +281,15 @@ impl QtfsClient {
         remote_path: &Path,
         opts: ClientOptions,
     ) -> Result<QtfsClient, FsCallError> {
-        let mut flags = 0;
-        if opts.read_only {
-            flags |= proto::mount_flags::READ_ONLY;
-        }
-        if opts.root_squash {
-            flags |= proto::mount_flags::ROOT_SQUASH;
-        }
-        let req = Request::Mount {
-            path: remote_path.as_os_str().as_bytes().to_vec(),
-            flags,
-        };
-        // The mount itself runs with the engine's identity: the allowlist decides.
-        let bytes = transport
-            .call(req.op(), req.encode(&Creds::default()))
-            .await?;
-        let root = match Response::decode(req.op(), &bytes) {
-            Ok(Response::Entry(e)) => e.node,
-            _ => {
-                return Err(FsCallError {
-                    errno: libc::EPROTO,
-                    message: "malformed mount reply from the engine".into(),
-                })
-            }
-        };
+        let root = mount_root(transport.as_ref(), remote_path, &opts).await?;
         Ok(QtfsClient {
             inner: Arc::new(Inner {
-                transport,
+                transport: RwLock::new(transport),
                 rt: tokio::runtime::Handle::current(),
                 opts,
-                root,
+                remote: remote_path.to_path_buf(),
+                root: AtomicU64::new(root),
+                known: Mutex::new(Known::default()),
                 groups: Mutex::new(HashMap::new()),
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
@@ -260,6 +299,85 @@ impl QtfsClient {
                 attrs: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Gives this mount to a new engine connection after the old one was lost: the engine
+    /// reserves the ids in use, mounts the export again, and looks up every inode the
+    /// kernel still holds and opens every open handle again under the same ids (names
+    /// first, level by level, many at once). Calls go to `transport` from then on.
+    ///
+    /// Inodes whose name is gone, or now names another HOST file, are lost: requests on them
+    /// get ESTALE (a path lookup finds the new file). Handles on them get EBADF. POSIX locks
+    /// and flocks held through the old connection are gone (the old engine's files closed).
+    pub async fn reattach(&self, transport: Arc<dyn FsTransport>) -> Result<Restored, FsCallError> {
+        use futures::stream::{self, StreamExt};
+        let t = transport.as_ref();
+        let (plan, open) = {
+            let known = lock(&self.inner.known);
+            (known.plan(0), known.len().1)
+        };
+        call(t, &Request::Reserve { floor: plan.floor }, &no_creds()).await?;
+        let root = mount_root(t, &self.inner.remote, &self.inner.opts).await?;
+        let on = |ino: u64| if ino == 1 { root } else { ino };
+        let mut done = Restored {
+            nodes_lost: plan.nameless,
+            ..Restored::default()
+        };
+        for level in plan.levels {
+            let results: Vec<_> = stream::iter(level)
+                .map(|r| async move {
+                    let req = Request::Relookup {
+                        parent: on(r.parent),
+                        name: r.name,
+                        node: r.node,
+                        ino: r.host_ino,
+                        nlookup: r.nlookup,
+                    };
+                    call(t, &req, &no_creds()).await
+                })
+                .buffer_unordered(RESTORE_WINDOW)
+                .collect()
+                .await;
+            for r in results {
+                match r {
+                    Ok(_) => done.nodes += 1,
+                    Err(e) if e.errno == libc::ENOTCONN => return Err(e),
+                    Err(_) => done.nodes_lost += 1,
+                }
+            }
+        }
+        let results: Vec<_> = stream::iter(plan.files)
+            .map(|(fh, f)| async move {
+                let req = Request::Reopen {
+                    node: on(f.node),
+                    fh,
+                    flags: f.flags,
+                    dir: f.dir,
+                };
+                call(t, &req, &f.creds).await
+            })
+            .buffer_unordered(RESTORE_WINDOW)
+            .collect()
+            .await;
+        for r in results {
+            match r {
+                Ok(_) => done.files += 1,
+                Err(e) if e.errno == libc::ENOTCONN => return Err(e),
+                Err(_) => {} // counted below
+            }
+        }
+        // Handles on nodes that were lost were not even tried.
+        done.files_lost = open.saturating_sub(done.files);
+        // Buffered directory entries hold the old engine's lookups: drop them unforgotten.
+        lock(&self.inner.dirs).clear();
+        lock(&self.inner.forgets).clear();
+        self.inner.root.store(root, Ordering::Relaxed);
+        *self
+            .inner
+            .transport
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = transport;
+        Ok(done)
     }
 
     /// The fuser configuration for this mount (`fsname` shows in /proc/mounts).
@@ -433,14 +551,14 @@ impl QtfsClient {
 
     fn node(&self, ino: INodeNo) -> u64 {
         if ino.0 == 1 {
-            self.inner.root
+            self.inner.root.load(Ordering::Relaxed)
         } else {
             ino.0
         }
     }
 
     fn ino(&self, node: u64) -> u64 {
-        if node == self.inner.root {
+        if node == self.inner.root.load(Ordering::Relaxed) {
             1
         } else {
             node
@@ -513,15 +631,47 @@ impl QtfsClient {
         });
         self.inner
             .transport
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .call_then(&self.inner.rt, op, payload, answer);
     }
 
-    fn reply_entry(&self, r: Result<Response, i32>, reply: ReplyEntry) {
+    /// The transport calls go through now.
+    fn transport(&self) -> Arc<dyn FsTransport> {
+        self.inner
+            .transport
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Answers an entry request for `name` in `parent` (ino).
+    fn reply_entry(&self, r: Result<Response, i32>, parent: u64, name: &[u8], reply: ReplyEntry) {
         match r {
-            Ok(Response::Entry(e)) => self.send_entry(&e, reply),
+            Ok(Response::Entry(e)) => {
+                self.known(parent, name, &e);
+                self.send_entry(&e, reply)
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// Notes an entry given to the kernel (one more lookup of its node).
+    fn known(&self, parent: u64, name: &[u8], e: &Entry) {
+        lock(&self.inner.known).looked_up(parent, name, self.ino(e.node), e.attr.ino);
+    }
+
+    /// Notes a handle the kernel got.
+    fn opened(&self, fh: u64, ino: INodeNo, flags: i32, dir: bool, creds: Creds) {
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let file = KnownFile {
+            node: ino.0,
+            flags,
+            dir,
+            creds,
+        };
+        lock(&self.inner.known).opened(fh, file);
     }
 
     fn send_entry(&self, e: &Entry, reply: ReplyEntry) {
@@ -651,9 +801,10 @@ impl Filesystem for QtfsClient {
                 return;
             }
         }
+        let name = name.as_bytes().to_vec();
         let r = Request::Lookup {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name.clone(),
         };
         self.call(r, self.creds_of(req), move |me, r| match r {
             Err(libc::ENOENT) if !me.inner.opts.negative_ttl.is_zero() => {
@@ -670,7 +821,7 @@ impl Filesystem for QtfsClient {
                     Generation(0),
                 );
             }
-            r => me.reply_entry(r, reply),
+            r => me.reply_entry(r, parent.0, &name, reply),
         });
     }
 
@@ -678,6 +829,7 @@ impl Filesystem for QtfsClient {
         if ino.0 & PROC_BASE != 0 || ino.0 == 1 {
             return;
         }
+        lock(&self.inner.known).forgot(ino.0, nlookup);
         self.forget_later(&[(ino.0, nlookup)]);
     }
 
@@ -800,14 +952,17 @@ impl Filesystem for QtfsClient {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let name_b = name.as_bytes().to_vec();
         let r = Request::Mknod {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name_b.clone(),
             mode,
             umask,
             rdev: rdev.into(),
         };
-        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            me.reply_entry(r, parent.0, &name_b, reply)
+        });
     }
 
     fn mkdir(
@@ -819,29 +974,44 @@ impl Filesystem for QtfsClient {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let name_b = name.as_bytes().to_vec();
         let r = Request::Mkdir {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name_b.clone(),
             mode,
             umask,
         };
-        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            me.reply_entry(r, parent.0, &name_b, reply)
+        });
     }
 
     fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
         let r = Request::Unlink {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name.clone(),
         };
-        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            if r.is_ok() {
+                lock(&me.inner.known).removed(parent.0, &name);
+            }
+            Self::reply_empty(r, reply)
+        });
     }
 
     fn rmdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
         let r = Request::Rmdir {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name.clone(),
         };
-        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            if r.is_ok() {
+                lock(&me.inner.known).removed(parent.0, &name);
+            }
+            Self::reply_empty(r, reply)
+        });
     }
 
     fn symlink(
@@ -852,12 +1022,15 @@ impl Filesystem for QtfsClient {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let name_b = link_name.as_bytes().to_vec();
         let r = Request::Symlink {
             parent: self.node(parent),
-            name: link_name.as_bytes().to_vec(),
+            name: name_b.clone(),
             target: target.as_os_str().as_bytes().to_vec(),
         };
-        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            me.reply_entry(r, parent.0, &name_b, reply)
+        });
     }
 
     fn rename(
@@ -870,14 +1043,21 @@ impl Filesystem for QtfsClient {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let r = Request::Rename {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name.clone(),
             newparent: self.node(newparent),
-            newname: newname.as_bytes().to_vec(),
+            newname: newname.clone(),
             flags: flags.bits(),
         };
-        self.call(r, self.creds_of(req), |_, r| Self::reply_empty(r, reply));
+        let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
+        self.call(r, self.creds_of(req), move |me, r| {
+            if r.is_ok() {
+                lock(&me.inner.known).renamed(parent.0, &name, newparent.0, &newname, exchange);
+            }
+            Self::reply_empty(r, reply)
+        });
     }
 
     fn link(
@@ -888,21 +1068,27 @@ impl Filesystem for QtfsClient {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let name_b = newname.as_bytes().to_vec();
         let r = Request::Link {
             node: self.node(ino),
             newparent: self.node(newparent),
-            newname: newname.as_bytes().to_vec(),
+            newname: name_b.clone(),
         };
-        self.call(r, self.creds_of(req), move |me, r| me.reply_entry(r, reply));
+        self.call(r, self.creds_of(req), move |me, r| {
+            me.reply_entry(r, newparent.0, &name_b, reply)
+        });
     }
 
     fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let sent = self.adjust_open(flags.0);
         let r = Request::Open {
             node: self.node(ino),
-            flags: self.adjust_open(flags.0),
+            flags: sent,
         };
-        self.call(r, self.creds_of(req), |me, r| match r {
+        let creds = self.creds_of(req);
+        self.call(r, creds.clone(), move |me, r| match r {
             Ok(Response::Opened { fh, flags }) => {
+                me.opened(fh, ino, sent, false, creds);
                 reply.opened(FileHandle(fh), me.open_flags(flags))
             }
             Ok(_) => reply.error(Errno::EIO),
@@ -992,6 +1178,7 @@ impl Filesystem for QtfsClient {
         reply: ReplyEmpty,
     ) {
         lock(&self.inner.locked).remove(&fh.0);
+        lock(&self.inner.known).released(fh.0);
         self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
             Self::reply_empty(r, reply)
         });
@@ -1011,13 +1198,15 @@ impl Filesystem for QtfsClient {
     }
 
     fn opendir(&self, req: &FuseRequest, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let creds = self.creds_of(req);
         self.call(
             Request::Opendir {
                 node: self.node(ino),
             },
-            self.creds_of(req),
-            |_, r| match r {
+            creds.clone(),
+            move |me, r| match r {
                 Ok(Response::Opened { fh, .. }) => {
+                    me.opened(fh, ino, libc::O_RDONLY, true, creds);
                     reply.opened(FileHandle(fh), FopenFlags::empty())
                 }
                 Ok(_) => reply.error(Errno::EIO),
@@ -1078,14 +1267,18 @@ impl Filesystem for QtfsClient {
                             a
                         }
                     };
-                    reply.add(
+                    let full = reply.add(
                         attr.ino,
                         e.offset,
                         OsStr::from_bytes(&e.name),
                         &ttl,
                         &attr,
                         Generation(0),
-                    )
+                    );
+                    if let (false, Some(en)) = (full, &e.entry) {
+                        me.known(ino.0, &e.name, en);
+                    }
+                    full
                 });
                 reply.ok();
             }
@@ -1105,6 +1298,7 @@ impl Filesystem for QtfsClient {
         if let Some(buf) = buf {
             self.dir_forget(buf);
         }
+        lock(&self.inner.known).released(fh.0);
         self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
             Self::reply_empty(r, reply)
         });
@@ -1125,7 +1319,7 @@ impl Filesystem for QtfsClient {
 
     fn statfs(&self, _req: &FuseRequest, ino: INodeNo, reply: ReplyStatfs) {
         let node = if ino.0 & PROC_BASE != 0 {
-            self.inner.root
+            self.inner.root.load(Ordering::Relaxed)
         } else {
             self.node(ino)
         };
@@ -1237,21 +1431,28 @@ impl Filesystem for QtfsClient {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let name = name.as_bytes().to_vec();
+        let sent = self.adjust_open(flags);
         let r = Request::Create {
             parent: self.node(parent),
-            name: name.as_bytes().to_vec(),
+            name: name.clone(),
             mode,
             umask,
-            flags: self.adjust_open(flags),
+            flags: sent,
         };
-        self.call(r, self.creds_of(req), |me, r| match r {
-            Ok(Response::Created { entry, fh, flags }) => reply.created(
-                &me.inner.opts.entry_ttl,
-                &me.file_attr(entry.node, &entry.attr),
-                Generation(0),
-                FileHandle(fh),
-                me.open_flags(flags),
-            ),
+        let creds = self.creds_of(req);
+        self.call(r, creds.clone(), move |me, r| match r {
+            Ok(Response::Created { entry, fh, flags }) => {
+                me.known(parent.0, &name, &entry);
+                me.opened(fh, INodeNo(me.ino(entry.node)), sent, false, creds);
+                reply.created(
+                    &me.inner.opts.entry_ttl,
+                    &me.file_attr(entry.node, &entry.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    me.open_flags(flags),
+                )
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         });
@@ -1319,7 +1520,8 @@ impl Filesystem for QtfsClient {
             let payload = req.encode(&no_creds());
             let mut delay = Duration::from_millis(5);
             loop {
-                match me.inner.transport.call(op, payload.clone()).await {
+                let call = me.transport().call(op, payload.clone());
+                match call.await {
                     Ok(_) => return reply.ok(),
                     Err(e) if sleep && (e.errno == libc::EAGAIN || e.errno == libc::EACCES) => {
                         tokio::time::sleep(delay).await;

@@ -27,6 +27,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,8 @@ Options (-o, comma-separated):
   direct_io            no page cache (always on for files of size 0, as in proc/sys)
   allow_other          let every user use the mount [on]; noallow_other turns it off
   root_squash          act as nobody on the HOST for root here; no_root_squash [off]
+  reconnect            when the engine goes away, dial it again (backoff up to 5 s) and give
+                       it back every inode and open file [on]; noreconnect: fail until remounted
   run_dir=DIR          where the control socket mount-<pid>.ctl goes [$DPUCTL_RUN_DIR or /var/run/qtfs]
   defaults, noauto, _netdev, nofail, x-* and other generic options are accepted and ignored.
 
@@ -130,6 +133,8 @@ pub struct MountArgs {
     pub run_dir: PathBuf,
     /// The `-o` lists as given, for status.
     pub options: String,
+    /// Dial the engine again after the link is lost (`noreconnect` turns it off).
+    pub reconnect: bool,
 }
 
 fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
@@ -175,6 +180,8 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
             "noallow_other" => m.client.allow_other = false,
             "root_squash" => m.client.root_squash = true,
             "no_root_squash" => m.client.root_squash = false,
+            "reconnect" => m.reconnect = true,
+            "noreconnect" => m.reconnect = false,
             // Generic options from mount(8)/fstab that mean nothing to a FUSE client.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
             | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime" | "noatime"
@@ -203,6 +210,7 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(crate::daemon::control::DEFAULT_RUN_DIR)),
         options: String::new(),
+        reconnect: true,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -254,6 +262,7 @@ pub async fn connect(
 /// A live mount; unmounts (and joins the session) when dropped.
 pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
+    client: QtfsClient,
     /// Mounted by [`mount_fuse_qtfs`], so unmounting is ours (fuser only joins).
     own_mount: bool,
     local: PathBuf,
@@ -269,6 +278,11 @@ impl MountHandle {
     /// The mount's per-operation statistics.
     pub fn stats(&self) -> Arc<MountStats> {
         self.stats.clone()
+    }
+
+    /// The file system being served (to reattach it after a reconnect).
+    pub fn client(&self) -> QtfsClient {
+        self.client.clone()
     }
 
     /// Unmounts and waits for the session to end.
@@ -348,6 +362,7 @@ pub async fn mount_with_transport(
     let fsname = format!("qtfs:{}", remote.display());
     let config = client.fuse_config(&fsname);
     let stats = client.stats();
+    let served = client.clone();
     let local_owned = local.to_path_buf();
     let (session, own_mount) = tokio::task::spawn_blocking(move || {
         match mount_fuse_qtfs(&fsname, &local_owned, &config) {
@@ -373,6 +388,7 @@ pub async fn mount_with_transport(
     })?;
     Ok(MountHandle {
         session: Some(session),
+        client: served,
         own_mount,
         local: local.to_path_buf(),
         stats,
@@ -552,10 +568,13 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
         remote: m.remote.display().to_string(),
         local: m.local.display().to_string(),
         options: m.options.clone(),
-        link: link.clone(),
+        link: Mutex::new(link),
         stats: handle.stats(),
         lost: Mutex::new(None),
+        reconnects: AtomicU64::new(0),
+        reconnect: m.reconnect,
     });
+    let client = handle.client();
     rt.block_on(async {
         match control::bind(&control_path) {
             Ok(listener) => {
@@ -569,12 +588,7 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
             // The mount works without it; only status and the TUI miss it.
             Err(e) => tracing::warn!(error = %e, "no control socket for this mount"),
         }
-        let watch = state.clone();
-        tokio::spawn(async move {
-            let why = watch.link.closed().await;
-            tracing::error!(reason = %why, "link to the engine lost: this mount answers ENOTCONN until it is unmounted and mounted again");
-            *watch.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-        });
+        tokio::spawn(keep_linked(state.clone(), client, m.clone()));
         let waiter = tokio::task::spawn_blocking(move || handle.wait());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -601,19 +615,91 @@ struct MountControl {
     remote: String,
     local: String,
     options: String,
-    link: Link,
+    /// The link to the engine; replaced after a reconnect.
+    link: Mutex<Link>,
     stats: Arc<MountStats>,
-    /// Why the link to the engine ended, once it has.
+    /// Why the link to the engine ended, until it is back.
     lost: Mutex<Option<String>>,
+    reconnects: AtomicU64,
+    reconnect: bool,
+}
+
+impl MountControl {
+    fn link(&self) -> Link {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_lost(&self, why: Option<String>) {
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+}
+
+/// First and longest wait between two attempts to reach a lost engine.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Watches the link to the engine. When it ends: with `reconnect`, dials the engine again
+/// with backoff until it answers and takes the mount back ([`QtfsClient::reattach`]);
+/// meanwhile operations fail with ENOTCONN. Without, the mount stays failed.
+async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs) {
+    loop {
+        let why = state.link().closed().await;
+        state.set_lost(Some(why.clone()));
+        if !m.reconnect {
+            tracing::error!(reason = %why, "link to the engine lost: this mount answers ENOTCONN until it is unmounted and mounted again (noreconnect)");
+            return;
+        }
+        tracing::error!(reason = %why, "link to the engine lost: reconnecting; until then operations fail with ENOTCONN");
+        let mut delay = RECONNECT_FIRST;
+        let mut attempts = 0u64;
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RECONNECT_MAX);
+            attempts += 1;
+            let link = match super::link::dial(&m.server, &m.key, m.insecure).await {
+                Ok(l) => l,
+                Err(e) => {
+                    // Loud once, then quiet while the engine is down.
+                    if attempts == 1 {
+                        tracing::warn!(error = %e, "engine not reachable yet; retrying every {}s at most", RECONNECT_MAX.as_secs());
+                    } else {
+                        tracing::debug!(error = %e, attempts, "engine not reachable yet");
+                    }
+                    continue;
+                }
+            };
+            match client.reattach(Arc::new(LinkTransport(link.clone()))).await {
+                Ok(r) => {
+                    *state.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+                    state.set_lost(None);
+                    state.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        nodes = r.nodes,
+                        nodes_lost = r.nodes_lost,
+                        files = r.files,
+                        files_lost = r.files_lost,
+                        attempts,
+                        "reconnected to the engine: the mount works again"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    link.close();
+                    tracing::warn!(error = %e, "the engine is back but did not take the mount (is the path still in its [Mount] allowlist?); retrying");
+                }
+            }
+        }
+    }
 }
 
 impl ControlHandler for MountControl {
     fn status(&self) -> DaemonStatus {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let s = self.link.stats();
+        let link = self.link();
+        let s = link.stats();
         let peer = PeerStatus {
             address: self.server.clone(),
-            state: if lost.is_some() || self.link.is_closed() {
+            state: if lost.is_some() || link.is_closed() {
                 PeerState::Disconnected
             } else {
                 PeerState::Connected
@@ -631,6 +717,10 @@ impl ControlHandler for MountControl {
         let counters = [
             ("requests".to_string(), s.requests_out),
             ("errors".to_string(), ops.values().map(|o| o.errors).sum()),
+            (
+                "reconnects".to_string(),
+                self.reconnects.load(Ordering::Relaxed),
+            ),
         ]
         .into_iter()
         .collect();
@@ -649,7 +739,12 @@ impl ControlHandler for MountControl {
                 remote: self.remote.clone(),
                 local: self.local.clone(),
                 options: self.options.clone(),
-                state: if lost.is_some() { "failed" } else { "mounted" }.into(),
+                state: match (&lost, self.reconnect) {
+                    (None, _) => "mounted",
+                    (Some(_), true) => "reconnecting",
+                    (Some(_), false) => "failed",
+                }
+                .into(),
                 ops,
             })),
             connections: Vec::new(),
@@ -708,6 +803,9 @@ mod tests {
                 && !m.client.read_only
         );
         assert_eq!(m.client.local_proc, PathBuf::from("/lp"));
+        assert!(m.reconnect, "reconnect is on by default");
+        let off = parse_args(&args(&["/a", "/b", "-o", "noreconnect"])).unwrap();
+        assert!(!off.reconnect);
         assert_eq!(m.client.attr_ttl, Duration::from_millis(2500));
         assert_eq!(m.client.entry_ttl, Duration::ZERO);
         assert_eq!(m.client.negative_ttl, Duration::from_millis(500));

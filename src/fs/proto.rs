@@ -48,6 +48,12 @@ pub mod op {
     pub const FALLOCATE: u16 = 0x011F;
     pub const LSEEK: u16 = 0x0120;
     pub const COPY_FILE_RANGE: u16 = 0x0121;
+    /// Reconnect: ids below `floor` are the client's; new ones start above.
+    pub const RESERVE: u16 = 0x0122;
+    /// Reconnect: look a name up again under the node id the client already uses.
+    pub const RELOOKUP: u16 = 0x0123;
+    /// Reconnect: open a node again under the handle id the client already uses.
+    pub const REOPEN: u16 = 0x0124;
 
     /// True for op numbers this module owns (the integrator routes these to the fs server).
     pub fn is_fs(op: u16) -> bool {
@@ -337,6 +343,28 @@ pub enum Request {
         len: u64,
         flags: u32,
     },
+    /// After a reconnect, before the mount: the engine hands out node and handle ids from
+    /// `floor` up, so the ids the client still holds stay free for [`Request::Relookup`]
+    /// and [`Request::Reopen`].
+    Reserve {
+        floor: u64,
+    },
+    /// After a reconnect: looks `name` up in `parent` and registers the result as `node`
+    /// with `nlookup` lookups, if it is still the HOST file `ino` (else ESTALE).
+    Relookup {
+        parent: u64,
+        name: Vec<u8>,
+        node: u64,
+        ino: u64,
+        nlookup: u64,
+    },
+    /// After a reconnect: opens `node` again (a directory when `dir`) as handle `fh`.
+    Reopen {
+        node: u64,
+        fh: u64,
+        flags: i32,
+        dir: bool,
+    },
 }
 
 /// One fs response; its shape is decided by the request's op.
@@ -616,6 +644,9 @@ impl Request {
             Fallocate { .. } => op::FALLOCATE,
             Lseek { .. } => op::LSEEK,
             CopyFileRange { .. } => op::COPY_FILE_RANGE,
+            Reserve { .. } => op::RESERVE,
+            Relookup { .. } => op::RELOOKUP,
+            Reopen { .. } => op::REOPEN,
         }
     }
 
@@ -835,6 +866,31 @@ impl Request {
                 b.put_u64_le(*len);
                 b.put_u32_le(*flags);
             }
+            Reserve { floor } => b.put_u64_le(*floor),
+            Relookup {
+                parent,
+                name,
+                node,
+                ino,
+                nlookup,
+            } => {
+                b.put_u64_le(*parent);
+                put_bytes(&mut b, name);
+                b.put_u64_le(*node);
+                b.put_u64_le(*ino);
+                b.put_u64_le(*nlookup);
+            }
+            Reopen {
+                node,
+                fh,
+                flags,
+                dir,
+            } => {
+                b.put_u64_le(*node);
+                b.put_u64_le(*fh);
+                b.put_i32_le(*flags);
+                b.put_u8(u8::from(*dir));
+            }
         }
         b.freeze()
     }
@@ -1033,6 +1089,22 @@ impl Request {
                 len: r.u64("len")?,
                 flags: r.u32("flags")?,
             },
+            op::RESERVE => Request::Reserve {
+                floor: r.u64("floor")?,
+            },
+            op::RELOOKUP => Request::Relookup {
+                parent: r.u64("parent")?,
+                name: r.bytes("name")?,
+                node: r.u64("node")?,
+                ino: r.u64("ino")?,
+                nlookup: r.u64("nlookup")?,
+            },
+            op::REOPEN => Request::Reopen {
+                node: r.u64("node")?,
+                fh: r.u64("fh")?,
+                flags: r.i32("flags")?,
+                dir: r.bool("dir")?,
+            },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.finish()?;
@@ -1109,11 +1181,15 @@ impl Response {
     pub fn decode(op: u16, payload: &Bytes) -> Result<Response, DecodeError> {
         let mut r = Reader::new(payload);
         let resp = match op {
-            op::MOUNT | op::LOOKUP | op::MKNOD | op::MKDIR | op::SYMLINK | op::LINK => {
-                Response::Entry(r.entry()?)
-            }
+            op::MOUNT
+            | op::LOOKUP
+            | op::MKNOD
+            | op::MKDIR
+            | op::SYMLINK
+            | op::LINK
+            | op::RELOOKUP => Response::Entry(r.entry()?),
             op::GETATTR | op::SETATTR => Response::Attr(r.attr()?),
-            op::OPEN | op::OPENDIR => Response::Opened {
+            op::OPEN | op::OPENDIR | op::REOPEN => Response::Opened {
                 fh: r.u64("fh")?,
                 flags: r.u32("flags")?,
             },
@@ -1171,7 +1247,8 @@ impl Response {
             | op::REMOVEXATTR
             | op::ACCESS
             | op::SETLK
-            | op::FALLOCATE => Response::Empty,
+            | op::FALLOCATE
+            | op::RESERVE => Response::Empty,
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.finish()?;
@@ -1379,6 +1456,20 @@ mod tests {
                 off_out: 10,
                 len: 100,
                 flags: 0,
+            },
+            Reserve { floor: 1 << 20 },
+            Relookup {
+                parent: 2,
+                name: n(),
+                node: 77,
+                ino: 123_456,
+                nlookup: 3,
+            },
+            Reopen {
+                node: 77,
+                fh: 78,
+                flags: libc::O_RDWR,
+                dir: false,
             },
         ]
     }

@@ -576,6 +576,28 @@ impl FsServer {
                 }
                 Some(*parent)
             }
+            // A reconnecting client's lookups and opens are checked as the originals were.
+            Relookup { parent, name, .. } => {
+                check_name(name)?;
+                let like = Lookup {
+                    parent: *parent,
+                    name: name.clone(),
+                };
+                return self.gate(creds, &like);
+            }
+            Reopen {
+                node, flags, dir, ..
+            } => {
+                let like = if *dir {
+                    Opendir { node: *node }
+                } else {
+                    Open {
+                        node: *node,
+                        flags: *flags,
+                    }
+                };
+                return self.gate(creds, &like);
+            }
             Getattr { node, .. }
             | Readlink { node }
             | Statfs { node }
@@ -683,7 +705,8 @@ impl FsServer {
             | Fsync { .. }
             | Getlk { .. }
             | Setlk { .. }
-            | Lseek { .. } => None,
+            | Lseek { .. }
+            | Reserve { .. } => None,
             Fallocate { fh, .. } | CopyFileRange { fh_out: fh, .. } => {
                 let h = self.handle_of(*fh)?;
                 if self.mount_flags(h.mount) & mount_flags::READ_ONLY != 0 {
@@ -800,6 +823,41 @@ impl FsServer {
             node: id,
             attr: attr_of(st),
         }
+    }
+
+    /// Registers a node resolved for a reconnecting client under the id the client
+    /// already uses, with the lookups the client's kernel holds.
+    fn adopt(
+        &self,
+        fd: OwnedFd,
+        st: &libc::stat64,
+        mount: usize,
+        id: u64,
+        nlookup: u64,
+    ) -> Result<Entry, Errno> {
+        if id < 2 || nlookup == 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let key = (mount, st.st_dev, st.st_ino);
+        let mut t = self.lock();
+        if t.nodes.contains_key(&id) || t.by_key.contains_key(&key) {
+            return Err(Errno(libc::EEXIST));
+        }
+        self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+        t.by_key.insert(key, id);
+        t.nodes.insert(
+            id,
+            Node {
+                fd: Arc::new(fd),
+                mount,
+                key,
+                nlookup,
+            },
+        );
+        Ok(Entry {
+            node: id,
+            attr: attr_of(st),
+        })
     }
 
     fn forget(&self, id: u64, n: u64) {
@@ -956,6 +1014,63 @@ impl FsServer {
                     self.forget(id, n);
                 }
                 Ok(Response::Empty)
+            }
+            Reserve { floor } => {
+                self.next_id.fetch_max(floor, Ordering::Relaxed);
+                Ok(Response::Empty)
+            }
+            Relookup {
+                parent,
+                name,
+                node,
+                ino,
+                nlookup,
+            } => {
+                // As the engine, like the mount itself: the client's kernel already holds
+                // this node, and RESOLVE_BENEATH keeps the lookup inside the export.
+                let (pfd, mount) = self.node(parent)?;
+                let (fd, st) = pool
+                    .quick(None, move || Self::lookup_at(pfd.as_raw_fd(), &name))
+                    .await?;
+                if st.st_ino != ino {
+                    // Another file took the name while the client was away.
+                    return Err(Errno(libc::ESTALE));
+                }
+                Ok(Response::Entry(self.adopt(fd, &st, mount, node, nlookup)?))
+            }
+            Reopen {
+                node,
+                fh,
+                flags,
+                dir,
+            } => {
+                if fh < 2 {
+                    return Err(Errno(libc::EINVAL));
+                }
+                let like = if dir {
+                    Opendir { node }
+                } else {
+                    Open { node, flags }
+                };
+                let grant = Grant {
+                    creds,
+                    mount_path: None,
+                };
+                let Response::Opened { fh: got, flags } =
+                    Box::pin(self.dispatch(grant, like)).await?
+                else {
+                    return Err(Errno(libc::EIO));
+                };
+                let mut t = self.lock();
+                if t.files.contains_key(&fh) {
+                    t.files.remove(&got);
+                    return Err(Errno(libc::EEXIST));
+                }
+                if let Some(h) = t.files.remove(&got) {
+                    t.files.insert(fh, h);
+                }
+                self.next_id.fetch_max(fh + 1, Ordering::Relaxed);
+                Ok(Response::Opened { fh, flags })
             }
             Getattr { node, fh } => {
                 let fd = match fh.map(|f| self.handle_of(f)) {
