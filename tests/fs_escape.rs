@@ -7,6 +7,7 @@ use dpuctl::allowlist::ListType;
 use dpuctl::fs::proto::{Creds, Entry, Request, Response};
 use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions, StaticPolicy};
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -270,4 +271,105 @@ async fn garbage_and_stale_ids_are_errors_not_panics() {
         .err(),
         Some(libc::EBADF)
     );
+}
+
+/// The reconnect requests (Reserve, Relookup, Reopen) as a hostile client could send them:
+/// they stay beneath the export, check the HOST file, refuse ids in use or out of range, and
+/// Reopen is gated like Open.
+#[tokio::test]
+async fn reconnect_requests_cannot_escape_or_take_over_ids() {
+    let h = Host::new();
+    assert_eq!(
+        h.call(Request::Reserve { floor: u64::MAX }).await,
+        Err(libc::EINVAL),
+        "a floor near the counter's end"
+    );
+    h.call(Request::Reserve { floor: 1000 }).await.unwrap();
+    let root = h.mount().await;
+    assert!(root.node >= 1000, "new ids start above the floor");
+    let sub = h.lookup(root.node, "sub").await.unwrap();
+    let relookup = |parent: u64, name: &str, node: u64, ino: u64| Request::Relookup {
+        parent,
+        name: name.as_bytes().to_vec(),
+        node,
+        ino,
+        nlookup: 1,
+    };
+    let deeper_ino = fs::metadata(h.export().join("sub/deeper")).unwrap().ino();
+    // Names are single components: no way up or out.
+    for bad in ["..", ".", "../secret", "deeper/.."] {
+        assert_eq!(
+            h.call(relookup(sub.node, bad, 50, deeper_ino)).await,
+            Err(libc::EINVAL),
+            "{bad}"
+        );
+    }
+    // A symlink is registered as the link, never followed.
+    let abs_ino = fs::symlink_metadata(h.export().join("abs")).unwrap().ino();
+    let e = h
+        .entry(relookup(root.node, "abs", 51, abs_ino))
+        .await
+        .unwrap();
+    assert_eq!(e.node, 51);
+    assert_eq!(h.read_all(51).await, Err(libc::ELOOP));
+    // Another file under the name, an id in use, ids out of range.
+    assert_eq!(
+        h.call(relookup(sub.node, "deeper", 52, deeper_ino + 1))
+            .await,
+        Err(libc::ESTALE)
+    );
+    assert_eq!(
+        h.call(relookup(sub.node, "deeper", sub.node, deeper_ino))
+            .await,
+        Err(libc::EEXIST),
+        "the id is taken"
+    );
+    for id in [0, 1, u64::MAX] {
+        assert_eq!(
+            h.call(relookup(sub.node, "deeper", id, deeper_ino)).await,
+            Err(libc::EINVAL),
+            "id {id}"
+        );
+    }
+    let e = h
+        .entry(relookup(sub.node, "deeper", 52, deeper_ino))
+        .await
+        .unwrap();
+    assert_eq!((e.node, e.attr.ino), (52, deeper_ino));
+    assert_eq!(
+        h.call(relookup(sub.node, "deeper", 53, deeper_ino)).await,
+        Err(libc::EEXIST),
+        "one node per HOST file"
+    );
+    // Reopen: the ids it may take, and the checks Open makes.
+    let reopen = |node: u64, fh: u64, flags: i32, dir: bool| Request::Reopen {
+        node,
+        fh,
+        flags,
+        dir,
+    };
+    assert_eq!(
+        h.call(reopen(52, 60, libc::O_RDONLY, true)).await,
+        Ok(Response::Opened { fh: 60, flags: 0 })
+    );
+    assert_eq!(
+        h.call(reopen(52, 60, libc::O_RDONLY, true)).await,
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        h.call(reopen(52, 1 << 60, libc::O_RDONLY, true)).await,
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        h.call(reopen(51, 61, libc::O_RDONLY, false)).await,
+        Err(libc::ELOOP),
+        "a symlink is not opened through"
+    );
+    assert_eq!(
+        h.call(reopen(9999, 62, libc::O_RDONLY, false)).await,
+        Err(libc::ESTALE),
+        "an unknown node"
+    );
+    h.call(Request::Release { fh: 60 }).await.unwrap();
+    assert_eq!(h.server.handle_count(), 0);
 }

@@ -321,6 +321,10 @@ fn assume(c: &Creds) -> io::Result<()> {
 
 // ---------------------------------------------------------------- tables
 
+/// Largest node or handle id a reconnecting client may ask for: far above what a connection
+/// allocates, far below where the id counter would wrap (or the client's synthetic inodes).
+const MAX_CLIENT_ID: u64 = 1 << 48;
+
 /// Engine-side options of one connection's executor.
 #[derive(Clone)]
 pub struct FsServerOptions {
@@ -835,7 +839,7 @@ impl FsServer {
         id: u64,
         nlookup: u64,
     ) -> Result<Entry, Errno> {
-        if id < 2 || nlookup == 0 {
+        if !(2..=MAX_CLIENT_ID).contains(&id) || nlookup == 0 {
             return Err(Errno(libc::EINVAL));
         }
         let key = (mount, st.st_dev, st.st_ino);
@@ -1016,6 +1020,9 @@ impl FsServer {
                 Ok(Response::Empty)
             }
             Reserve { floor } => {
+                if floor > MAX_CLIENT_ID {
+                    return Err(Errno(libc::EINVAL));
+                }
                 self.next_id.fetch_max(floor, Ordering::Relaxed);
                 Ok(Response::Empty)
             }
@@ -1044,7 +1051,7 @@ impl FsServer {
                 flags,
                 dir,
             } => {
-                if fh < 2 {
+                if !(2..=MAX_CLIENT_ID).contains(&fh) {
                     return Err(Errno(libc::EINVAL));
                 }
                 let like = if dir {
