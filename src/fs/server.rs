@@ -188,7 +188,10 @@ thread_local! {
 impl FsPool {
     /// Starts `threads` worker threads (at least 1).
     pub fn new(threads: usize) -> io::Result<Arc<FsPool>> {
-        sys::raise_nofile();
+        let nofile = sys::raise_nofile();
+        if nofile < 65536 {
+            tracing::warn!(limit = nofile, "the engine may hold only {nofile} files and nodes for its mounts (RLIMIT_NOFILE, which it could not raise): a DPU walking a larger tree gets EMFILE; raise LimitNOFILE (the unit file sets 1048576) or ulimit -Hn");
+        }
         let threads = threads.max(1);
         let queue = Arc::new(JobQueue::default());
         for i in 0..threads {
@@ -512,7 +515,32 @@ impl FsServer {
             Errno(libc::EINVAL)
         })?;
         let grant = self.gate(creds, &req)?;
-        self.dispatch(grant, req).await.map(|r| r.encode())
+        let r = self.dispatch(grant, req).await;
+        if let Err(Errno(libc::EMFILE | libc::ENFILE)) = r {
+            self.out_of_fds();
+        }
+        r.map(|r| r.encode())
+    }
+
+    /// Says loudly (at most every 10 s) that a request failed for lack of
+    /// file descriptors: each node the DPU kernel caches holds one here.
+    fn out_of_fds(&self) {
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LAST.load(Ordering::Relaxed);
+        if now >= last + 10
+            && LAST
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let (nodes, files) = {
+                let t = self.lock();
+                (t.nodes.len(), t.files.len())
+            };
+            tracing::warn!(nodes, files, "qtfs: the engine ran out of file descriptors (it holds one per node a DPU has cached and per open file); raise LimitNOFILE / ulimit -n");
+        }
     }
 
     fn node(&self, id: u64) -> Result<(Arc<OwnedFd>, usize), Errno> {

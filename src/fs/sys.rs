@@ -492,16 +492,41 @@ pub fn private_fs_umask_zero() -> io::Result<()> {
     Ok(())
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit: the engine keeps one O_PATH fd per node the
-/// DPU kernel has cached, like virtiofsd.
-pub fn raise_nofile() {
+/// Most descriptors the engine asks for (virtiofsd's default too).
+const NOFILE_WANTED: u64 = 1_000_000;
+
+/// Raises RLIMIT_NOFILE: the engine keeps one O_PATH fd per node the DPU kernel has cached
+/// (like virtiofsd), so a DPU walking a large tree needs as many. Asks for
+/// min(1,000,000, fs.nr_open), raising the hard limit too where allowed (CAP_SYS_RESOURCE),
+/// else the soft limit up to the hard one. Returns the limit in force.
+pub fn raise_nofile() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_WANTED);
+    let wanted = NOFILE_WANTED.min(nr_open);
     // SAFETY: plain data in/out parameters.
     unsafe {
         let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 0;
         }
+        if rl.rlim_cur >= wanted {
+            return rl.rlim_cur;
+        }
+        let both = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted.max(rl.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
+            return wanted;
+        }
+        rl.rlim_cur = rl.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+            return rl.rlim_cur;
+        }
+        let _ = libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        rl.rlim_cur
     }
 }
 
