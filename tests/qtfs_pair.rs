@@ -656,3 +656,91 @@ fn pjdfstest_passes_on_the_mount_as_on_a_local_directory() {
         passing.len()
     );
 }
+
+/// CPython's own regression tests of file-heavy modules, run with their scratch directory on
+/// a local directory and then on a qtfs mount (the DPU side, over the engine): every module
+/// must run the same number of tests with the same result and the same skips.
+#[test]
+fn cpython_file_tests_pass_on_the_mount_as_on_a_local_directory() {
+    require_fuse!();
+    const PYTHON: &str = "/usr/bin/python3";
+    let has_suite = std::process::Command::new(PYTHON)
+        .args(["-c", "import test.support, test.test_os"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_suite {
+        eprintln!(
+            "SKIPPED CPython file tests: {PYTHON} has no test package (scripts/deps.sh installs libpython3.X-testsuite)"
+        );
+        return;
+    }
+    // test_largefile is left out: it copies gigabytes, a benchmark rather than a check.
+    let modules = "test_os test_shutil test_tempfile test_glob test_pathlib test_fileio \
+                   test_posix test_tarfile test_zipfile test_mmap test_fcntl test_sqlite3 \
+                   test_mailbox test_dbm test_filecmp test_fileinput test_py_compile";
+    // Per module, in order: "Ran N tests" and the verdict line ("OK (skipped=K)", ...).
+    let run = |dir: &str, side: &Side| {
+        let out = side.sh(&format!(
+            "mkdir -p {dir} && cd {dir} && TMPDIR={dir} timeout 900 {PYTHON} -m test -v {modules}"
+        ));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = stdout.lines().collect();
+        let mut summary = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            if l.starts_with("Ran ") && l.contains(" test") {
+                let verdict = lines[i + 1..]
+                    .iter()
+                    .find(|v| v.starts_with("OK") || v.starts_with("FAILED"))
+                    .unwrap_or(&"(no verdict)");
+                summary.push(format!(
+                    "{} / {verdict}",
+                    l.split(" in ").next().unwrap_or(l)
+                ));
+            }
+        }
+        let failures: Vec<String> = lines
+            .iter()
+            .filter(|l| l.ends_with("... FAIL") || l.ends_with("... ERROR"))
+            .map(|l| l.to_string())
+            .collect();
+        (summary, failures, text(&out))
+    };
+    let t = setup();
+    let local = t.scratch.path("py-local");
+    let (baseline, base_failures, base_text) = run(s(&local), &t.host);
+    let ran = |summary: &[String]| -> usize {
+        summary
+            .iter()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .sum()
+    };
+    assert!(
+        ran(&baseline) > 1000,
+        "CPython tests on a local dir ran too few: {baseline:?}\n{base_text}"
+    );
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/py && $DPUCTL mount {} /run/py -o {opts}",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "mount: {}", text(&out));
+    let (through, failures, through_text) = run("/run/py/scratch", &t.dpu);
+    let _ = t.dpu.sh("umount -l /run/py");
+    eprintln!(
+        "CPython file tests: {} run locally, {} through qtfs",
+        ran(&baseline),
+        ran(&through)
+    );
+    let new_failures: Vec<&String> = failures
+        .iter()
+        .filter(|f| !base_failures.contains(f))
+        .collect();
+    assert!(
+        new_failures.is_empty(),
+        "failing through qtfs only: {new_failures:#?}\n{through_text}"
+    );
+    assert_eq!(
+        through, baseline,
+        "per module (tests run / verdict) through qtfs vs local\n{through_text}"
+    );
+}
