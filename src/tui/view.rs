@@ -529,10 +529,10 @@ fn draw_mounts(frame: &mut Frame, area: Rect, state: &State, theme: Theme) {
         let state_cell = match (&d.reach, m) {
             (Reach::Unreachable(_), _) => state_cell(d, theme),
             (_, Some(m)) => {
-                let style = if m.state == "mounted" {
-                    theme.good()
-                } else {
-                    theme.bad()
+                let style = match m.state.as_str() {
+                    "mounted" => theme.good(),
+                    "reconnecting" => theme.warn(),
+                    _ => theme.bad(),
                 };
                 Cell::from(m.state.clone()).style(style)
             }
