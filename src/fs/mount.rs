@@ -668,6 +668,7 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
                     continue;
                 }
             };
+            let started = Instant::now();
             match client.reattach(Arc::new(LinkTransport(link.clone()))).await {
                 Ok(r) => {
                     *state.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
@@ -679,6 +680,7 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
                         files = r.files,
                         files_lost = r.files_lost,
                         attempts,
+                        took_ms = started.elapsed().as_millis() as u64,
                         "reconnected to the engine: the mount works again"
                     );
                     break;
