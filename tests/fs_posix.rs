@@ -1079,3 +1079,50 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
     assert_eq!(fs::read(exp.join("dir/new")).unwrap(), b"n");
     drop((a, b, w, dir));
 }
+
+/// While the link is down, calls wait: a reattach within the wait sends them to the new
+/// engine; otherwise they fail with ENOTCONN once the wait is over.
+#[test]
+fn held_calls_wait_for_a_reattach_or_fail_after_the_wait() {
+    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
+    use dpuctl::fs::InProcessTransport;
+    let opts = ClientOptions {
+        direct_io: true,
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    let (exp, mnt) = (fx.export(), fx.mnt());
+    fs::write(exp.join("f"), b"held").unwrap();
+    fs::metadata(mnt.join("f")).unwrap();
+    let client = fx.mount.as_ref().unwrap().client();
+
+    client.hold_calls(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(code(File::open(mnt.join("f"))), libc::ENOTCONN);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "failed after {:?}, before the wait was over",
+        started.elapsed()
+    );
+    assert!(File::open(mnt.join("f")).is_ok(), "not held any more");
+
+    client.hold_calls(Duration::from_secs(30));
+    let path = mnt.join("f");
+    let reader = std::thread::spawn(move || fs::read(path));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!reader.is_finished(), "the read did not wait");
+    let canon = fs::canonicalize(&exp).unwrap();
+    let fresh = Arc::new(FsServer::with_policy(
+        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
+        FsServerOptions {
+            pool: FsPool::new(2).unwrap(),
+        },
+    ));
+    fx.rt
+        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
+        .expect("reattach");
+    assert_eq!(reader.join().unwrap().unwrap(), b"held");
+    assert!(fresh.node_count() >= 1, "served by the new engine");
+}

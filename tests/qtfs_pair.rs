@@ -303,7 +303,7 @@ fn engine_death_fails_operations_instead_of_hanging() {
     let mut t = setup();
     let opts = format!("server={},key={}", t.fs, s(&t.key));
     let out = t.dpu.sh(&format!(
-        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0",
+        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0,reconnect_wait=1",
         s(&t.export)
     ));
     assert!(out.status.success(), "{}", text(&out));
@@ -364,12 +364,21 @@ fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
             .unwrap_or_default()
     };
     t.host.stop();
-    let out = t.dpu.sh("cat /run/m/hello.txt");
-    assert!(!out.status.success(), "the engine is down: {}", text(&out));
     t.dpu
         .wait_status("the mount reconnecting", Duration::from_secs(10), |st| {
             mount_of(st)["mount"]["state"] == "reconnecting"
         });
+    // An operation while the engine is away waits for it (reconnect_wait, 10 s by default)
+    // instead of failing.
+    let out = t.dpu.sh(
+        "(cat /run/m/d/sub/f > /run/held.out 2>&1; echo $? > /run/held.rc) </dev/null >/dev/null 2>&1 &",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !t.dpu.inside("/run/held.rc").exists(),
+        "the operation did not wait for the engine"
+    );
     t.host = start_engine("host2", &t.scratch, &t.fs, &t.key, &t.whitelist);
     t.dpu
         .wait_status("the mount back", Duration::from_secs(15), |st| {
@@ -403,6 +412,13 @@ fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
         read("/run/ino.before"),
         "inode numbers kept"
     );
+    common::wait_for_path(
+        &t.dpu.inside("/run/held.rc"),
+        Duration::from_secs(10),
+        || "the held operation never finished".into(),
+    );
+    assert_eq!(read("/run/held.rc"), "0\n", "{}", read("/run/held.out"));
+    assert_eq!(read("/run/held.out"), "deep\n");
     // New work needs no remount; the new engine holds what the DPU uses, no more.
     let out = t
         .dpu

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -87,6 +87,10 @@ struct Inner {
     root: AtomicU64,
     /// What a reconnect restores ([`Known`]).
     known: Mutex<Known>,
+    /// Calls held while the link is down ([`QtfsClient::hold_calls`]); `holding` is the fast
+    /// check on every call.
+    holding: AtomicBool,
+    held: Mutex<Held>,
     /// Supplementary groups by caller pid, read from /proc at most once per
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
     groups: Mutex<HashMap<u32, CachedGroups>>,
@@ -272,6 +276,17 @@ pub struct Restored {
 
 /// Relookups and reopens in flight at once during a reattach.
 const RESTORE_WINDOW: usize = 256;
+/// Most calls held while the link is down; more fail at once. The kernel itself bounds them
+/// (one per waiting thread, plus `max_background`), so this is a backstop.
+const HELD_MAX: usize = 4096;
+
+/// Calls waiting for the engine to come back.
+#[derive(Default)]
+struct Held {
+    /// Which outage these belong to (a late timer of an earlier one must not end them).
+    epoch: u64,
+    calls: Vec<(u16, Bytes, super::FsDone)>,
+}
 
 impl QtfsClient {
     /// Attaches to `remote_path` on the engine (the `[Mount]` check happens there) and
@@ -290,6 +305,8 @@ impl QtfsClient {
                 remote: remote_path.to_path_buf(),
                 root: AtomicU64::new(root),
                 known: Mutex::new(Known::default()),
+                holding: AtomicBool::new(false),
+                held: Mutex::new(Held::default()),
                 groups: Mutex::new(HashMap::new()),
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
@@ -376,7 +393,10 @@ impl QtfsClient {
             .inner
             .transport
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = transport;
+            .unwrap_or_else(|p| p.into_inner()) = transport.clone();
+        for (op, payload, answer) in self.release_held() {
+            transport.call_then(&self.inner.rt, op, payload, answer);
+        }
         Ok(done)
     }
 
@@ -629,11 +649,66 @@ impl QtfsClient {
             me.inner.stats.record(op, started.elapsed(), r.is_err());
             done(&me, r);
         });
+        if self.inner.holding.load(Ordering::Acquire) {
+            let mut held = lock(&self.inner.held);
+            if self.inner.holding.load(Ordering::Relaxed) {
+                // Forgets are not held: the inodes they drop are not handed back either.
+                if op != proto::op::FORGET && held.calls.len() < HELD_MAX {
+                    held.calls.push((op, payload, answer));
+                } else {
+                    drop(held);
+                    answer(Err(FsCallError::errno(libc::ENOTCONN)));
+                }
+                return;
+            }
+        }
         self.inner
             .transport
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .call_then(&self.inner.rt, op, payload, answer);
+    }
+
+    /// The link to the engine is down: from now on calls wait, up to `wait`, for
+    /// [`QtfsClient::reattach`] to send them to the new engine; after that they fail with
+    /// ENOTCONN, and so do new calls at once until the mount is back. Calls that were
+    /// already sent failed with the link (they may or may not have run on the HOST); held
+    /// calls never left this process, so sending them later is safe.
+    pub fn hold_calls(&self, wait: Duration) {
+        let epoch = {
+            let mut held = lock(&self.inner.held);
+            held.epoch += 1;
+            self.inner.holding.store(true, Ordering::Release);
+            held.epoch
+        };
+        let me = self.clone();
+        self.inner.rt.spawn(async move {
+            tokio::time::sleep(wait).await;
+            let calls = {
+                let mut held = lock(&me.inner.held);
+                if held.epoch != epoch || !me.inner.holding.load(Ordering::Relaxed) {
+                    return;
+                }
+                me.inner.holding.store(false, Ordering::Release);
+                std::mem::take(&mut held.calls)
+            };
+            if !calls.is_empty() {
+                tracing::warn!(
+                    calls = calls.len(),
+                    "the engine is still away: held operations fail with ENOTCONN"
+                );
+            }
+            for (_, _, answer) in calls {
+                answer(Err(FsCallError::errno(libc::ENOTCONN)));
+            }
+        });
+    }
+
+    /// Ends holding: the held calls, for the transport now in place.
+    fn release_held(&self) -> Vec<(u16, Bytes, super::FsDone)> {
+        let mut held = lock(&self.inner.held);
+        self.inner.holding.store(false, Ordering::Release);
+        std::mem::take(&mut held.calls)
     }
 
     /// The transport calls go through now.

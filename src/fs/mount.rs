@@ -102,6 +102,8 @@ Options (-o, comma-separated):
   root_squash          act as nobody on the HOST for root here; no_root_squash [off]
   reconnect            when the engine goes away, dial it again (backoff up to 5 s) and give
                        it back every inode and open file [on]; noreconnect: fail until remounted
+  reconnect_wait=SECS  how long operations wait for the engine to come back before failing
+                       with ENOTCONN [10; 0: fail at once]
   run_dir=DIR          where the control socket mount-<pid>.ctl goes [$DPUCTL_RUN_DIR or /var/run/qtfs]
   defaults, noauto, _netdev, nofail, x-* and other generic options are accepted and ignored.
 
@@ -135,6 +137,8 @@ pub struct MountArgs {
     pub options: String,
     /// Dial the engine again after the link is lost (`noreconnect` turns it off).
     pub reconnect: bool,
+    /// How long operations wait for a reconnect before failing (`reconnect_wait`).
+    pub reconnect_wait: Duration,
 }
 
 fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
@@ -181,6 +185,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
             "root_squash" => m.client.root_squash = true,
             "no_root_squash" => m.client.root_squash = false,
             "reconnect" => m.reconnect = true,
+            "reconnect_wait" => m.reconnect_wait = secs(need()?, opt)?,
             "noreconnect" => m.reconnect = false,
             // Generic options from mount(8)/fstab that mean nothing to a FUSE client.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
@@ -211,6 +216,7 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
             .unwrap_or_else(|| PathBuf::from(crate::daemon::control::DEFAULT_RUN_DIR)),
         options: String::new(),
         reconnect: true,
+        reconnect_wait: DEFAULT_RECONNECT_WAIT,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -634,6 +640,10 @@ impl MountControl {
     }
 }
 
+/// How long operations wait for a lost engine by default: an engine restart or upgrade
+/// takes well under this, so the DPU's programs see it only as a pause.
+pub const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(10);
+
 /// First and longest wait between two attempts to reach a lost engine.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -649,7 +659,12 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
             tracing::error!(reason = %why, "link to the engine lost: this mount answers ENOTCONN until it is unmounted and mounted again (noreconnect)");
             return;
         }
-        tracing::error!(reason = %why, "link to the engine lost: reconnecting; until then operations fail with ENOTCONN");
+        if m.reconnect_wait.is_zero() {
+            tracing::error!(reason = %why, "link to the engine lost: reconnecting; until then operations fail with ENOTCONN");
+        } else {
+            client.hold_calls(m.reconnect_wait);
+            tracing::error!(reason = %why, wait = ?m.reconnect_wait, "link to the engine lost: reconnecting; operations wait for it, then fail with ENOTCONN");
+        }
         let mut delay = RECONNECT_FIRST;
         let mut attempts = 0u64;
         loop {
@@ -806,8 +821,10 @@ mod tests {
         );
         assert_eq!(m.client.local_proc, PathBuf::from("/lp"));
         assert!(m.reconnect, "reconnect is on by default");
-        let off = parse_args(&args(&["/a", "/b", "-o", "noreconnect"])).unwrap();
+        assert_eq!(m.reconnect_wait, DEFAULT_RECONNECT_WAIT);
+        let off = parse_args(&args(&["/a", "/b", "-o", "noreconnect,reconnect_wait=0.5"])).unwrap();
         assert!(!off.reconnect);
+        assert_eq!(off.reconnect_wait, Duration::from_millis(500));
         assert_eq!(m.client.attr_ttl, Duration::from_millis(2500));
         assert_eq!(m.client.entry_ttl, Duration::ZERO);
         assert_eq!(m.client.negative_ttl, Duration::from_millis(500));
