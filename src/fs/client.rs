@@ -288,6 +288,29 @@ struct Held {
     calls: Vec<(u16, Bytes, super::FsDone)>,
 }
 
+/// Sends the restoring requests `reqs` over `t`, [`RESTORE_WINDOW`] at a time: how many
+/// succeeded and how many failed. A lost link ends it with ENOTCONN.
+async fn restore_batch(
+    t: &dyn FsTransport,
+    reqs: impl Iterator<Item = (Request, Creds)>,
+) -> Result<(usize, usize), FsCallError> {
+    use futures::stream::{self, StreamExt};
+    let results: Vec<_> = stream::iter(reqs)
+        .map(|(req, creds)| async move { call(t, &req, &creds).await })
+        .buffer_unordered(RESTORE_WINDOW)
+        .collect()
+        .await;
+    let mut counts = (0, 0);
+    for r in results {
+        match r {
+            Ok(_) => counts.0 += 1,
+            Err(e) if e.errno == libc::ENOTCONN => return Err(e),
+            Err(_) => counts.1 += 1,
+        }
+    }
+    Ok(counts)
+}
+
 impl QtfsClient {
     /// Attaches to `remote_path` on the engine (the `[Mount]` check happens there) and
     /// returns a filesystem ready to be mounted.
@@ -327,7 +350,6 @@ impl QtfsClient {
     /// get ESTALE (a path lookup finds the new file). Handles on them get EBADF. POSIX locks
     /// and flocks held through the old connection are gone (the old engine's files closed).
     pub async fn reattach(&self, transport: Arc<dyn FsTransport>) -> Result<Restored, FsCallError> {
-        use futures::stream::{self, StreamExt};
         let t = transport.as_ref();
         let (plan, open) = {
             let known = lock(&self.inner.known);
@@ -341,48 +363,30 @@ impl QtfsClient {
             ..Restored::default()
         };
         for level in plan.levels {
-            let results: Vec<_> = stream::iter(level)
-                .map(|r| async move {
-                    let req = Request::Relookup {
-                        parent: on(r.parent),
-                        name: r.name,
-                        node: r.node,
-                        ino: r.host_ino,
-                        nlookup: r.nlookup,
-                    };
-                    call(t, &req, &no_creds()).await
-                })
-                .buffer_unordered(RESTORE_WINDOW)
-                .collect()
-                .await;
-            for r in results {
-                match r {
-                    Ok(_) => done.nodes += 1,
-                    Err(e) if e.errno == libc::ENOTCONN => return Err(e),
-                    Err(_) => done.nodes_lost += 1,
-                }
-            }
-        }
-        let results: Vec<_> = stream::iter(plan.files)
-            .map(|(fh, f)| async move {
-                let req = Request::Reopen {
-                    node: on(f.node),
-                    fh,
-                    flags: f.flags,
-                    dir: f.dir,
+            let reqs = level.into_iter().map(|r| {
+                let req = Request::Relookup {
+                    parent: on(r.parent),
+                    name: r.name,
+                    node: r.node,
+                    ino: r.host_ino,
+                    nlookup: r.nlookup,
                 };
-                call(t, &req, &f.creds).await
-            })
-            .buffer_unordered(RESTORE_WINDOW)
-            .collect()
-            .await;
-        for r in results {
-            match r {
-                Ok(_) => done.files += 1,
-                Err(e) if e.errno == libc::ENOTCONN => return Err(e),
-                Err(_) => {} // counted below
-            }
+                (req, no_creds())
+            });
+            let (ok, failed) = restore_batch(t, reqs).await?;
+            done.nodes += ok;
+            done.nodes_lost += failed;
         }
+        let reqs = plan.files.into_iter().map(|(fh, f)| {
+            let req = Request::Reopen {
+                node: on(f.node),
+                fh,
+                flags: f.flags,
+                dir: f.dir,
+            };
+            (req, f.creds)
+        });
+        done.files = restore_batch(t, reqs).await?.0;
         // Handles on nodes that were lost were not even tried.
         done.files_lost = open.saturating_sub(done.files);
         // Buffered directory entries hold the old engine's lookups: drop them unforgotten.

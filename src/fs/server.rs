@@ -367,6 +367,30 @@ struct Tables {
     roots: std::collections::HashSet<u64>,
 }
 
+impl Tables {
+    /// Adds node `id` for the inode `key`.
+    fn insert_node(
+        &mut self,
+        id: u64,
+        fd: OwnedFd,
+        mount: usize,
+        key: (usize, u64, u64),
+        nlookup: u64,
+    ) {
+        self.by_key.insert(key, id);
+        let fd = Arc::new(fd);
+        self.nodes.insert(
+            id,
+            Node {
+                fd,
+                mount,
+                key,
+                nlookup,
+            },
+        );
+    }
+}
+
 /// One connection's fs executor. Cheap to create per accepted link.
 pub struct FsServer {
     policy: Arc<dyn FsPolicy>,
@@ -841,16 +865,7 @@ impl FsServer {
             }
         }
         let id = self.alloc_id();
-        t.by_key.insert(key, id);
-        t.nodes.insert(
-            id,
-            Node {
-                fd: Arc::new(fd),
-                mount,
-                key,
-                nlookup: 1,
-            },
-        );
+        t.insert_node(id, fd, mount, key, 1);
         Entry {
             node: id,
             attr: attr_of(st),
@@ -876,16 +891,7 @@ impl FsServer {
             return Err(Errno(libc::EEXIST));
         }
         self.next_id.fetch_max(id + 1, Ordering::Relaxed);
-        t.by_key.insert(key, id);
-        t.nodes.insert(
-            id,
-            Node {
-                fd: Arc::new(fd),
-                mount,
-                key,
-                nlookup,
-            },
-        );
+        t.insert_node(id, fd, mount, key, nlookup);
         Ok(Entry {
             node: id,
             attr: attr_of(st),
