@@ -100,7 +100,7 @@ Options (-o, comma-separated):
   direct_io            no page cache (always on for files of size 0, as in proc/sys)
   allow_other          let every user use the mount [on]; noallow_other turns it off
   root_squash          act as nobody on the HOST for root here; no_root_squash [off]
-  reconnect            when the engine goes away, dial it again (backoff up to 5 s) and give
+  reconnect            when the engine goes away, dial it again (backoff up to 2 s) and give
                        it back every inode and open file [on]; noreconnect: fail until remounted
   reconnect_wait=SECS  how long operations wait for the engine to come back before failing
                        with ENOTCONN [10; 0: fail at once]
@@ -646,7 +646,7 @@ pub const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// First and longest wait between two attempts to reach a lost engine.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// Watches the link to the engine. When it ends: with `reconnect`, dials the engine again
 /// with backoff until it answers and takes the mount back ([`QtfsClient::reattach`]);
