@@ -666,7 +666,7 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
             tracing::error!(reason = %why, wait = ?m.reconnect_wait, "link to the engine lost: reconnecting; operations wait for it, then fail with ENOTCONN");
         }
         let mut delay = RECONNECT_FIRST;
-        let mut attempts = 0u64;
+        let (mut attempts, mut refusals) = (0u64, 0u64);
         loop {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(RECONNECT_MAX);
@@ -702,7 +702,12 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
                 }
                 Err(e) => {
                     link.close();
-                    tracing::warn!(error = %e, "the engine is back but did not take the mount (is the path still in its [Mount] allowlist?); retrying");
+                    refusals += 1;
+                    if refusals == 1 {
+                        tracing::warn!(error = %e, "the engine is back but did not take the mount (is the path still in its [Mount] allowlist?); retrying");
+                    } else {
+                        tracing::debug!(error = %e, refusals, "the engine still does not take the mount");
+                    }
                 }
             }
         }
