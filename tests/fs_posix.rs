@@ -414,16 +414,16 @@ fn readdir_of_ten_thousand_entries() {
 
 /// Drops the kernel's dentry cache (which sends FORGETs) and waits until the engine holds at
 /// most a handful of nodes.
-fn assert_nodes_released(fx: &common::Fixture, when: &str) {
+fn assert_nodes_released(server: &dpuctl::fs::server::FsServer, when: &str) {
     fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while fx.server.node_count() > 10 && Instant::now() < deadline {
+    while server.node_count() > 10 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        fx.server.node_count() <= 10,
+        server.node_count() <= 10,
         "nodes still held {when}: {}",
-        fx.server.node_count()
+        server.node_count()
     );
 }
 
@@ -488,7 +488,7 @@ fn seekdir_rewinddir_and_partial_listings_stay_consistent() {
     assert_eq!(read_names(d, 10).len(), 10);
     // SAFETY: closes the stream once.
     unsafe { libc::closedir(d) };
-    assert_nodes_released(&fx, "after an abandoned listing");
+    assert_nodes_released(&fx.server, "after an abandoned listing");
 }
 
 #[test]
@@ -865,7 +865,7 @@ fn forgotten_nodes_and_closed_handles_are_released() {
     assert_eq!(fx.server.handle_count(), 0, "every open was released");
     let before = fx.server.node_count();
     assert!(before >= 100);
-    assert_nodes_released(&fx, "after closing every file");
+    assert_nodes_released(&fx.server, "after closing every file");
 }
 
 #[test]
@@ -1018,6 +1018,14 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
     fs::write(exp.join("dir/b"), b"bravo").unwrap();
     fs::write(exp.join("dir/deep/c"), b"charlie").unwrap();
     fs::write(exp.join("dir/gone"), b"x").unwrap();
+    fs::create_dir(exp.join("many")).unwrap();
+    for i in 0..200 {
+        fs::write(exp.join(format!("many/f{i}")), b"m").unwrap();
+    }
+    // Each name looked up, most of them twice (through readdirplus and a lookup).
+    for e in fs::read_dir(mnt.join("many")).unwrap() {
+        fs::metadata(e.unwrap().path()).unwrap();
+    }
     let a = File::open(mnt.join("dir/a")).unwrap();
     let b = File::open(mnt.join("dir/b")).unwrap();
     let mut w = OpenOptions::new()
@@ -1050,7 +1058,10 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
         "a, c2 and dir are reopened: {restored:?}"
     );
     assert_eq!(restored.files_lost, 1, "b's handle is lost: {restored:?}");
-    assert_eq!(restored.nodes, 4, "dir, a, deep, c2: {restored:?}");
+    assert_eq!(
+        restored.nodes, 205,
+        "dir, a, deep, c2, many and its 200: {restored:?}"
+    );
     assert_eq!(restored.nodes_lost, 2, "the old b and gone: {restored:?}");
     assert_eq!(fresh.handle_count(), 3);
 
@@ -1077,7 +1088,19 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
     assert_eq!(names, ["a", "b", "deep"]);
     fs::write(mnt.join("dir/new"), b"n").unwrap();
     assert_eq!(fs::read(exp.join("dir/new")).unwrap(), b"n");
+    // The lookup counts handed over were the kernel's: once it lets go, the new engine holds
+    // nothing more (none leaked), and nothing it needed was dropped early (above).
     drop((a, b, w, dir));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fresh.handle_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fresh.handle_count(),
+        0,
+        "every reopened handle was released"
+    );
+    assert_nodes_released(&fresh, "after the kernel let go of a reattached mount");
 }
 
 /// While the link is down, calls wait: a reattach within the wait sends them to the new
