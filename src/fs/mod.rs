@@ -9,6 +9,8 @@
 //! - [`mount`]: `mount.qtfs` / `dpuctl mount`: option parsing, daemonising, one process per
 //!   mount, and its control socket (`mount-<pid>.ctl`).
 //! - [`stats`]: per-operation counters and latency percentiles of a mount.
+//! - [`known`]: what a mount hands back to a restarted engine (inodes the kernel holds, open
+//!   handles), kept up to date by the client.
 //!
 //! The fs code talks to the link only through [`FsTransport`], so it runs unchanged over the
 //! authenticated wire link or in-process ([`InProcessTransport`], used by tests).
