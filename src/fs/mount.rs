@@ -700,6 +700,10 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
                     );
                     break;
                 }
+                Err(e) if e.errno == libc::ENOTCONN => {
+                    link.close();
+                    tracing::debug!(error = %e, "the new link was lost while handing the mount back; retrying");
+                }
                 Err(e) => {
                     link.close();
                     refusals += 1;
