@@ -1149,3 +1149,50 @@ fn held_calls_wait_for_a_reattach_or_fail_after_the_wait() {
     assert_eq!(reader.join().unwrap().unwrap(), b"held");
     assert!(fresh.node_count() >= 1, "served by the new engine");
 }
+
+/// With the writeback cache, pages the kernel holds dirty while the engine is away are
+/// written back through the handle the new engine reopened: nothing written is lost.
+#[test]
+fn writeback_pages_dirtied_during_an_outage_reach_the_new_engine() {
+    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
+    use dpuctl::fs::InProcessTransport;
+    let opts = ClientOptions {
+        writeback: true,
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    let (exp, mnt) = (fx.export(), fx.mnt());
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(mnt.join("wb"))
+        .unwrap();
+    f.write_all(b"before the outage;").unwrap();
+    f.sync_all().unwrap();
+    let client = fx.mount.as_ref().unwrap().client();
+    client.hold_calls(Duration::from_secs(30));
+    // Dirty pages only: the kernel writes them back later, through the held handle.
+    f.write_all(b" during it").unwrap();
+    let canon = fs::canonicalize(&exp).unwrap();
+    let fresh = Arc::new(FsServer::with_policy(
+        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
+        FsServerOptions {
+            pool: FsPool::new(2).unwrap(),
+        },
+    ));
+    let restored = fx
+        .rt
+        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
+        .expect("reattach");
+    assert_eq!(restored.files, 1, "{restored:?}");
+    f.write_all(b" after.").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(
+        fs::read(exp.join("wb")).unwrap(),
+        b"before the outage; during it after."
+    );
+}
