@@ -760,3 +760,52 @@ fn cpython_file_tests_pass_on_the_mount_as_on_a_local_directory() {
         "per module (tests run / verdict) through qtfs vs local\n{through_text}"
     );
 }
+
+/// A DPU program reading in a loop while the engine restarts sees a pause, not an error:
+/// calls issued during the outage wait for the new engine, and reads that were on their way
+/// when the link was lost go to it again.
+#[test]
+fn reads_in_a_loop_see_no_error_across_an_engine_restart() {
+    require_fuse!();
+    let mut t = setup();
+    std::fs::create_dir_all(t.export.join("d")).unwrap();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0",
+        s(&t.export)
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let reader = r#"(
+        i=0
+        while [ ! -e /run/stop ]; do
+            cat /run/m/hello.txt > /dev/null || echo "cat failed at $i" >> /run/errs
+            stat /run/m/d > /dev/null || echo "stat failed at $i" >> /run/errs
+            i=$((i+1))
+        done
+        echo $i > /run/count
+    ) </dev/null >/dev/null 2>&1 &"#;
+    assert!(t.dpu.sh(reader).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    t.host.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    t.host = start_engine("host2", &t.scratch, &t.fs, &t.key, &t.whitelist);
+    t.dpu
+        .wait_status("the mount back", Duration::from_secs(15), |st| {
+            st["daemons"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["name"] == "mount" && d["counters"]["reconnects"] == 1)
+            })
+        });
+    std::thread::sleep(Duration::from_millis(500));
+    let out = t.dpu.sh(
+        "touch /run/stop; for i in $(seq 200); do [ -e /run/count ] && break; sleep 0.05; done; cat /run/count",
+    );
+    let loops: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the reader did not finish: {}", text(&out)));
+    let errs = std::fs::read_to_string(t.dpu.inside("/run/errs")).unwrap_or_default();
+    assert!(errs.is_empty(), "errors across the restart:\n{errs}");
+    assert!(loops > 10, "only {loops} rounds");
+    let _ = t.dpu.sh("umount /run/m");
+}

@@ -91,6 +91,11 @@ struct Inner {
     /// check on every call.
     holding: AtomicBool,
     held: Mutex<Held>,
+    /// How long calls wait for a lost engine, if the mount reconnects (else calls whose link
+    /// is lost fail at once).
+    reconnect_wait: Mutex<Option<Duration>>,
+    /// Bumped by every reattach: a call that failed with an older link is sent again at once.
+    generation: AtomicU64,
     /// Supplementary groups by caller pid, read from /proc at most once per
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
     groups: Mutex<HashMap<u32, CachedGroups>>,
@@ -245,10 +250,10 @@ async fn mount_root(
     };
     match call(transport, &req, &Creds::default()).await? {
         Response::Entry(e) => Ok(e.node),
-        _ => Err(FsCallError {
-            errno: libc::EPROTO,
-            message: "malformed mount reply from the engine".into(),
-        }),
+        _ => Err(FsCallError::new(
+            libc::EPROTO,
+            "malformed mount reply from the engine",
+        )),
     }
 }
 
@@ -259,9 +264,11 @@ async fn call(
     creds: &Creds,
 ) -> Result<Response, FsCallError> {
     let bytes = transport.call(req.op(), req.encode(creds)).await?;
-    Response::decode(req.op(), &bytes).map_err(|e| FsCallError {
-        errno: libc::EPROTO,
-        message: format!("malformed reply from the engine: {e}"),
+    Response::decode(req.op(), &bytes).map_err(|e| {
+        FsCallError::new(
+            libc::EPROTO,
+            format!("malformed reply from the engine: {e}"),
+        )
     })
 }
 
@@ -285,7 +292,41 @@ const HELD_MAX: usize = 4096;
 struct Held {
     /// Which outage these belong to (a late timer of an earlier one must not end them).
     epoch: u64,
-    calls: Vec<(u16, Bytes, super::FsDone)>,
+    calls: Vec<HeldCall>,
+}
+
+/// A call waiting for the engine: op, payload, answer, and whether it may be sent again if
+/// the link is lost while it is out ([`retryable`]).
+type HeldCall = (u16, Bytes, super::FsDone, bool);
+
+/// Requests that do the same when the engine runs them twice (or once on an engine that
+/// died and once on the next): reads, lookups, opens without creation, positional writes,
+/// attribute sets, syncs and releases. A lost link does not fail these when the mount is
+/// back within `reconnect_wait`: they go to the new engine. Creations, removals, renames,
+/// links, xattr changes and locks are not repeated (a second run could see its own first).
+fn retryable(req: &Request) -> bool {
+    use Request::*;
+    matches!(
+        req,
+        Lookup { .. }
+            | Getattr { .. }
+            | Setattr { .. }
+            | Readlink { .. }
+            | Open { .. }
+            | Read { .. }
+            | Write { .. }
+            | Flush { .. }
+            | Release { .. }
+            | Fsync { .. }
+            | Opendir { .. }
+            | Readdir { .. }
+            | Statfs { .. }
+            | Getxattr { .. }
+            | Listxattr { .. }
+            | Access { .. }
+            | Getlk { .. }
+            | Lseek { .. }
+    )
 }
 
 /// Sends the restoring requests `reqs` over `t`, [`RESTORE_WINDOW`] at a time: how many
@@ -330,6 +371,8 @@ impl QtfsClient {
                 known: Mutex::new(Known::default()),
                 holding: AtomicBool::new(false),
                 held: Mutex::new(Held::default()),
+                reconnect_wait: Mutex::new(None),
+                generation: AtomicU64::new(0),
                 groups: Mutex::new(HashMap::new()),
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
@@ -398,8 +441,9 @@ impl QtfsClient {
             .transport
             .write()
             .unwrap_or_else(|p| p.into_inner()) = transport.clone();
-        for (op, payload, answer) in self.release_held() {
-            transport.call_then(&self.inner.rt, op, payload, answer);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        for call in self.release_held() {
+            self.dispatch(call);
         }
         Ok(done)
     }
@@ -639,6 +683,7 @@ impl QtfsClient {
         F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
     {
         let op = req.op();
+        let retry = retryable(&req) && !self.appends(&req);
         let payload = req.encode(&creds);
         let me = self.clone();
         let started = Instant::now();
@@ -653,12 +698,30 @@ impl QtfsClient {
             me.inner.stats.record(op, started.elapsed(), r.is_err());
             done(&me, r);
         });
+        self.dispatch((op, payload, answer, retry));
+    }
+
+    /// A write through a handle opened with O_APPEND: running it twice appends twice.
+    fn appends(&self, req: &Request) -> bool {
+        match req {
+            Request::Write { fh, .. } => lock(&self.inner.known)
+                .file(*fh)
+                .map_or(true, |f| f.flags & libc::O_APPEND != 0),
+            _ => false,
+        }
+    }
+
+    /// Sends a call, or holds it while the engine is away. A retryable call that loses its
+    /// link on the way is held again for the next engine (or sent at once, if the mount is
+    /// already back on a newer link).
+    fn dispatch(&self, call: HeldCall) {
+        let (op, payload, answer, retry) = call;
         if self.inner.holding.load(Ordering::Acquire) {
             let mut held = lock(&self.inner.held);
             if self.inner.holding.load(Ordering::Relaxed) {
                 // Forgets are not held: the inodes they drop are not handed back either.
                 if op != proto::op::FORGET && held.calls.len() < HELD_MAX {
-                    held.calls.push((op, payload, answer));
+                    held.calls.push((op, payload, answer, retry));
                 } else {
                     drop(held);
                     answer(Err(FsCallError::errno(libc::ENOTCONN)));
@@ -666,11 +729,38 @@ impl QtfsClient {
                 return;
             }
         }
+        let wait = *lock(&self.inner.reconnect_wait);
+        let answer: super::FsDone = match wait {
+            Some(wait) if retry => {
+                let me = self.clone();
+                let again = payload.clone();
+                let sent_on = self.inner.generation.load(Ordering::Acquire);
+                Box::new(move |r| match r {
+                    Err(e) if e.link_lost => {
+                        if me.inner.generation.load(Ordering::Acquire) == sent_on
+                            && !me.inner.holding.load(Ordering::Acquire)
+                        {
+                            // Before the mount's own watcher noticed the loss.
+                            me.hold_calls(wait);
+                        }
+                        me.dispatch((op, again, answer, retry));
+                    }
+                    r => answer(r),
+                })
+            }
+            _ => answer,
+        };
         self.inner
             .transport
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .call_then(&self.inner.rt, op, payload, answer);
+    }
+
+    /// Lets calls wait up to `wait` for a lost engine instead of failing (the mount
+    /// reconnects): retryable calls that were out when the link was lost wait too.
+    pub fn retry_when_link_lost(&self, wait: Duration) {
+        *lock(&self.inner.reconnect_wait) = Some(wait).filter(|w| !w.is_zero());
     }
 
     /// The link to the engine is down: from now on calls wait, up to `wait`, for
@@ -702,14 +792,14 @@ impl QtfsClient {
                     "the engine is still away: held operations fail with ENOTCONN"
                 );
             }
-            for (_, _, answer) in calls {
+            for (_, _, answer, _) in calls {
                 answer(Err(FsCallError::errno(libc::ENOTCONN)));
             }
         });
     }
 
     /// Ends holding: the held calls, for the transport now in place.
-    fn release_held(&self) -> Vec<(u16, Bytes, super::FsDone)> {
+    fn release_held(&self) -> Vec<HeldCall> {
         let mut held = lock(&self.inner.held);
         self.inner.holding.store(false, Ordering::Release);
         std::mem::take(&mut held.calls)

@@ -151,6 +151,11 @@ impl Known {
         self.files.remove(&fh);
     }
 
+    /// The open handle `fh`, if the kernel holds it.
+    pub fn file(&self, fh: u64) -> Option<&KnownFile> {
+        self.files.get(&fh)
+    }
+
     fn name(&mut self, node: u64, (parent, name): (u64, Box<[u8]>)) {
         if let Some(n) = self.nodes.get_mut(&node) {
             n.parent = parent;

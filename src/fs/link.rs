@@ -35,22 +35,18 @@ impl FsTransport for LinkTransport {
 
 fn fs_error(e: CallError) -> FsCallError {
     match e {
-        CallError::Remote(r) => FsCallError {
-            errno: r.errno,
-            message: r.message,
-        },
+        CallError::Remote(r) => FsCallError::new(r.errno, r.message),
         CallError::Closed(why) => FsCallError {
-            errno: libc::ENOTCONN,
-            message: format!("link to the engine closed: {why}"),
+            link_lost: true,
+            ..FsCallError::new(libc::ENOTCONN, format!("link to the engine closed: {why}"))
         },
-        CallError::Timeout => FsCallError {
-            errno: libc::ETIMEDOUT,
-            message: "the engine did not answer in time".into(),
-        },
-        CallError::TooLarge { len, max } => FsCallError {
-            errno: libc::EFBIG,
-            message: format!("request of {len} bytes exceeds the frame limit {max}"),
-        },
+        CallError::Timeout => {
+            FsCallError::new(libc::ETIMEDOUT, "the engine did not answer in time")
+        }
+        CallError::TooLarge { len, max } => FsCallError::new(
+            libc::EFBIG,
+            format!("request of {len} bytes exceeds the frame limit {max}"),
+        ),
     }
 }
 

@@ -43,6 +43,9 @@ use std::sync::Arc;
 pub struct FsCallError {
     pub errno: i32,
     pub message: String,
+    /// The link to the engine ended before the answer came (errno is ENOTCONN); a HOST
+    /// file system answering ENOTCONN itself (a dead FUSE mount there) is not this.
+    pub link_lost: bool,
 }
 
 impl FsCallError {
@@ -50,6 +53,16 @@ impl FsCallError {
         FsCallError {
             errno,
             message: std::io::Error::from_raw_os_error(errno).to_string(),
+            link_lost: false,
+        }
+    }
+
+    /// An error of a call, with a message for logs.
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        FsCallError {
+            errno,
+            message: message.into(),
+            link_lost: false,
         }
     }
 }

@@ -652,6 +652,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// with backoff until it answers and takes the mount back ([`QtfsClient::reattach`]);
 /// meanwhile operations fail with ENOTCONN. Without, the mount stays failed.
 async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs) {
+    if m.reconnect {
+        client.retry_when_link_lost(m.reconnect_wait);
+    }
     loop {
         let why = state.link().closed().await;
         state.set_lost(Some(why.clone()));
