@@ -303,7 +303,7 @@ fn engine_death_fails_operations_instead_of_hanging() {
     let mut t = setup();
     let opts = format!("server={},key={}", t.fs, s(&t.key));
     let out = t.dpu.sh(&format!(
-        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0,reconnect_wait=1",
+        "mkdir -p /run/m && $DPUCTL mount {} /run/m -o {opts},attr_timeout=0,entry_timeout=0,reconnect_wait=3",
         s(&t.export)
     ));
     assert!(out.status.success(), "{}", text(&out));
@@ -316,6 +316,19 @@ fn engine_death_fails_operations_instead_of_hanging() {
     assert!(!stdout.contains("rc=124"), "operation hung: {}", text(&out));
     assert!(!stdout.contains("rc=0"), "operation failed: {}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(25));
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "the first operation waited reconnect_wait for the engine"
+    );
+    // Once an outage has outlasted the wait, operations fail at once until the mount is back.
+    let again = Instant::now();
+    let out = t.dpu.sh("cat /run/m/hello.txt; echo rc=$?");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("rc=0"));
+    assert!(
+        again.elapsed() < Duration::from_secs(2),
+        "a later operation waited again: {:?}",
+        again.elapsed()
+    );
     assert_eq!(
         std::fs::read_to_string(t.export.join("f")).unwrap(),
         "durable\n",

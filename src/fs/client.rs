@@ -96,6 +96,8 @@ struct Inner {
     reconnect_wait: Mutex<Option<Duration>>,
     /// Bumped by every reattach: a call that failed with an older link is sent again at once.
     generation: AtomicU64,
+    /// This outage outlasted `reconnect_wait`: calls fail at once until the mount is back.
+    waited_out: AtomicBool,
     /// Supplementary groups by caller pid, read from /proc at most once per
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
     groups: Mutex<HashMap<u32, CachedGroups>>,
@@ -373,6 +375,7 @@ impl QtfsClient {
                 held: Mutex::new(Held::default()),
                 reconnect_wait: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                waited_out: AtomicBool::new(false),
                 groups: Mutex::new(HashMap::new()),
                 locked: Mutex::new(HashSet::new()),
                 dirs: Mutex::new(HashMap::new()),
@@ -442,6 +445,7 @@ impl QtfsClient {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = transport.clone();
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner.waited_out.store(false, Ordering::Release);
         for call in self.release_held() {
             self.dispatch(call);
         }
@@ -737,9 +741,11 @@ impl QtfsClient {
                 let sent_on = self.inner.generation.load(Ordering::Acquire);
                 Box::new(move |r| match r {
                     Err(e) if e.link_lost => {
-                        if me.inner.generation.load(Ordering::Acquire) == sent_on
-                            && !me.inner.holding.load(Ordering::Acquire)
-                        {
+                        let same_link = me.inner.generation.load(Ordering::Acquire) == sent_on;
+                        if same_link && me.inner.waited_out.load(Ordering::Acquire) {
+                            return answer(Err(e));
+                        }
+                        if same_link && !me.inner.holding.load(Ordering::Acquire) {
                             // Before the mount's own watcher noticed the loss.
                             me.hold_calls(wait);
                         }
@@ -772,6 +778,7 @@ impl QtfsClient {
         let epoch = {
             let mut held = lock(&self.inner.held);
             held.epoch += 1;
+            self.inner.waited_out.store(false, Ordering::Release);
             self.inner.holding.store(true, Ordering::Release);
             held.epoch
         };
@@ -783,6 +790,7 @@ impl QtfsClient {
                 if held.epoch != epoch || !me.inner.holding.load(Ordering::Relaxed) {
                     return;
                 }
+                me.inner.waited_out.store(true, Ordering::Release);
                 me.inner.holding.store(false, Ordering::Release);
                 std::mem::take(&mut held.calls)
             };
