@@ -16,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn c(p: &Path) -> CString {
@@ -1002,8 +1001,6 @@ fn writeback_unchanged_time_write_back_costs_no_round_trip() {
 /// meanwhile, are lost (ESTALE/EBADF on the old handle, the path finds the new file).
 #[test]
 fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
-    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
-    use dpuctl::fs::InProcessTransport;
     use std::os::unix::fs::FileExt;
     let opts = ClientOptions {
         direct_io: true, // every read reaches the engine
@@ -1041,18 +1038,7 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
     fs::rename(exp.join("dir/b.new"), exp.join("dir/b")).unwrap();
     fs::remove_file(exp.join("dir/gone")).unwrap();
 
-    let canon = fs::canonicalize(&exp).unwrap();
-    let fresh = Arc::new(FsServer::with_policy(
-        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
-        FsServerOptions {
-            pool: FsPool::new(2).unwrap(),
-        },
-    ));
-    let client = fx.mount.as_ref().unwrap().client();
-    let restored = fx
-        .rt
-        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
-        .expect("reattach");
+    let (fresh, restored) = fx.reattach_to_a_new_engine();
     assert_eq!(
         restored.files, 3,
         "a, c2 and dir are reopened: {restored:?}"
@@ -1107,8 +1093,6 @@ fn reattach_gives_a_new_engine_the_inodes_and_handles_the_kernel_holds() {
 /// engine; otherwise they fail with ENOTCONN once the wait is over.
 #[test]
 fn held_calls_wait_for_a_reattach_or_fail_after_the_wait() {
-    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
-    use dpuctl::fs::InProcessTransport;
     let opts = ClientOptions {
         direct_io: true,
         ..ClientOptions::default()
@@ -1136,16 +1120,7 @@ fn held_calls_wait_for_a_reattach_or_fail_after_the_wait() {
     let reader = std::thread::spawn(move || fs::read(path));
     std::thread::sleep(Duration::from_millis(200));
     assert!(!reader.is_finished(), "the read did not wait");
-    let canon = fs::canonicalize(&exp).unwrap();
-    let fresh = Arc::new(FsServer::with_policy(
-        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
-        FsServerOptions {
-            pool: FsPool::new(2).unwrap(),
-        },
-    ));
-    fx.rt
-        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
-        .expect("reattach");
+    let (fresh, _) = fx.reattach_to_a_new_engine();
     assert_eq!(reader.join().unwrap().unwrap(), b"held");
     assert!(fresh.node_count() >= 1, "served by the new engine");
 }
@@ -1154,8 +1129,6 @@ fn held_calls_wait_for_a_reattach_or_fail_after_the_wait() {
 /// written back through the handle the new engine reopened: nothing written is lost.
 #[test]
 fn writeback_pages_dirtied_during_an_outage_reach_the_new_engine() {
-    use dpuctl::fs::server::{FsPool, FsServer, FsServerOptions};
-    use dpuctl::fs::InProcessTransport;
     let opts = ClientOptions {
         writeback: true,
         ..ClientOptions::default()
@@ -1176,17 +1149,7 @@ fn writeback_pages_dirtied_during_an_outage_reach_the_new_engine() {
     client.hold_calls(Duration::from_secs(30));
     // Dirty pages only: the kernel writes them back later, through the held handle.
     f.write_all(b" during it").unwrap();
-    let canon = fs::canonicalize(&exp).unwrap();
-    let fresh = Arc::new(FsServer::with_policy(
-        Arc::new(StaticPolicy::new().with(ListType::Mount, &canon)),
-        FsServerOptions {
-            pool: FsPool::new(2).unwrap(),
-        },
-    ));
-    let restored = fx
-        .rt
-        .block_on(client.reattach(Arc::new(InProcessTransport::new(fresh.clone()))))
-        .expect("reattach");
+    let (_, restored) = fx.reattach_to_a_new_engine();
     assert_eq!(restored.files, 1, "{restored:?}");
     f.write_all(b" after.").unwrap();
     f.sync_all().unwrap();

@@ -19,6 +19,14 @@ struct Setup {
     whitelist: std::path::PathBuf,
 }
 
+/// The mount's entry in a side's status (null when there is none).
+fn mount_of(st: &serde_json::Value) -> serde_json::Value {
+    st["daemons"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "mount").cloned())
+        .unwrap_or_default()
+}
+
 /// The HOST side: an engine serving qtfs only, on `fs`.
 fn start_engine(name: &str, scratch: &Scratch, fs: &str, key: &Path, wl: &Path) -> Side {
     let host = Side::start(
@@ -370,12 +378,6 @@ fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
     let out = t.dpu.sh(holder);
     assert!(out.status.success(), "holder not ready: {}", text(&out));
 
-    let mount_of = |st: &serde_json::Value| {
-        st["daemons"]
-            .as_array()
-            .and_then(|d| d.iter().find(|d| d["name"] == "mount").cloned())
-            .unwrap_or_default()
-    };
     t.host.stop();
     t.dpu
         .wait_status("the mount reconnecting", Duration::from_secs(10), |st| {
@@ -804,10 +806,7 @@ fn reads_in_a_loop_see_no_error_across_an_engine_restart() {
     t.host = start_engine("host2", &t.scratch, &t.fs, &t.key, &t.whitelist);
     t.dpu
         .wait_status("the mount back", Duration::from_secs(15), |st| {
-            st["daemons"].as_array().is_some_and(|d| {
-                d.iter()
-                    .any(|d| d["name"] == "mount" && d["counters"]["reconnects"] == 1)
-            })
+            mount_of(st)["counters"]["reconnects"] == 1
         });
     std::thread::sleep(Duration::from_millis(500));
     let out = t.dpu.sh(

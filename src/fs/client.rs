@@ -93,7 +93,8 @@ struct Inner {
     held: Mutex<Held>,
     /// How long calls wait for a lost engine, if the mount reconnects (else calls whose link
     /// is lost fail at once).
-    reconnect_wait: Mutex<Option<Duration>>,
+    /// In milliseconds; 0: the mount does not reconnect, or does not wait.
+    reconnect_wait_ms: AtomicU64,
     /// Bumped by every reattach: a call that failed with an older link is sent again at once.
     generation: AtomicU64,
     /// This outage outlasted `reconnect_wait`: calls fail at once until the mount is back.
@@ -298,17 +299,29 @@ struct Held {
 }
 
 /// A call waiting for the engine: op, payload, answer, and whether it may be sent again if
-/// the link is lost while it is out ([`retryable`]).
-type HeldCall = (u16, Bytes, super::FsDone, bool);
+/// the link is lost while it is out.
+type HeldCall = (u16, Bytes, super::FsDone, Retry);
+
+/// Whether a call may run twice ([`retryable`]).
+#[derive(Clone, Copy)]
+enum Retry {
+    No,
+    Yes,
+    /// A write: yes, unless its handle appends (running it twice would append twice).
+    UnlessAppending(u64),
+}
 
 /// Requests that do the same when the engine runs them twice (or once on an engine that
 /// died and once on the next): reads, lookups, opens without creation, positional writes,
 /// attribute sets, syncs and releases. A lost link does not fail these when the mount is
 /// back within `reconnect_wait`: they go to the new engine. Creations, removals, renames,
 /// links, xattr changes and locks are not repeated (a second run could see its own first).
-fn retryable(req: &Request) -> bool {
+fn retryable(req: &Request) -> Retry {
     use Request::*;
-    matches!(
+    if let Write { fh, .. } = req {
+        return Retry::UnlessAppending(*fh);
+    }
+    let yes = matches!(
         req,
         Lookup { .. }
             | Getattr { .. }
@@ -316,7 +329,6 @@ fn retryable(req: &Request) -> bool {
             | Readlink { .. }
             | Open { .. }
             | Read { .. }
-            | Write { .. }
             | Flush { .. }
             | Release { .. }
             | Fsync { .. }
@@ -328,7 +340,12 @@ fn retryable(req: &Request) -> bool {
             | Access { .. }
             | Getlk { .. }
             | Lseek { .. }
-    )
+    );
+    if yes {
+        Retry::Yes
+    } else {
+        Retry::No
+    }
 }
 
 /// Sends the restoring requests `reqs` over `t`, [`RESTORE_WINDOW`] at a time: how many
@@ -373,7 +390,7 @@ impl QtfsClient {
                 known: Mutex::new(Known::default()),
                 holding: AtomicBool::new(false),
                 held: Mutex::new(Held::default()),
-                reconnect_wait: Mutex::new(None),
+                reconnect_wait_ms: AtomicU64::new(0),
                 generation: AtomicU64::new(0),
                 waited_out: AtomicBool::new(false),
                 groups: Mutex::new(HashMap::new()),
@@ -687,7 +704,7 @@ impl QtfsClient {
         F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
     {
         let op = req.op();
-        let retry = retryable(&req) && !self.appends(&req);
+        let retry = retryable(&req);
         let payload = req.encode(&creds);
         let me = self.clone();
         let started = Instant::now();
@@ -705,13 +722,15 @@ impl QtfsClient {
         self.dispatch((op, payload, answer, retry));
     }
 
-    /// A write through a handle opened with O_APPEND: running it twice appends twice.
-    fn appends(&self, req: &Request) -> bool {
-        match req {
-            Request::Write { fh, .. } => lock(&self.inner.known)
-                .file(*fh)
-                .map_or(true, |f| f.flags & libc::O_APPEND != 0),
-            _ => false,
+    /// Whether a call whose link was lost may be sent again (asked only then, so writes do
+    /// not look up their handle on the way out).
+    fn may_retry(&self, retry: Retry) -> bool {
+        match retry {
+            Retry::No => false,
+            Retry::Yes => true,
+            Retry::UnlessAppending(fh) => lock(&self.inner.known)
+                .file(fh)
+                .is_some_and(|f| f.flags & libc::O_APPEND == 0),
         }
     }
 
@@ -733,21 +752,21 @@ impl QtfsClient {
                 return;
             }
         }
-        let wait = *lock(&self.inner.reconnect_wait);
-        let answer: super::FsDone = match wait {
-            Some(wait) if retry => {
+        let wait_ms = self.inner.reconnect_wait_ms.load(Ordering::Relaxed);
+        let answer: super::FsDone = match retry {
+            Retry::Yes | Retry::UnlessAppending(_) if wait_ms > 0 => {
                 let me = self.clone();
                 let again = payload.clone();
                 let sent_on = self.inner.generation.load(Ordering::Acquire);
                 Box::new(move |r| match r {
-                    Err(e) if e.link_lost => {
+                    Err(e) if e.link_lost && me.may_retry(retry) => {
                         let same_link = me.inner.generation.load(Ordering::Acquire) == sent_on;
                         if same_link && me.inner.waited_out.load(Ordering::Acquire) {
                             return answer(Err(e));
                         }
                         if same_link && !me.inner.holding.load(Ordering::Acquire) {
                             // Before the mount's own watcher noticed the loss.
-                            me.hold_calls(wait);
+                            me.hold_calls(Duration::from_millis(wait_ms));
                         }
                         me.dispatch((op, again, answer, retry));
                     }
@@ -766,7 +785,8 @@ impl QtfsClient {
     /// Lets calls wait up to `wait` for a lost engine instead of failing (the mount
     /// reconnects): retryable calls that were out when the link was lost wait too.
     pub fn retry_when_link_lost(&self, wait: Duration) {
-        *lock(&self.inner.reconnect_wait) = Some(wait).filter(|w| !w.is_zero());
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.inner.reconnect_wait_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The link to the engine is down: from now on calls wait, up to `wait`, for

@@ -29,6 +29,25 @@ impl Fixture {
     pub fn mnt(&self) -> PathBuf {
         self.mnt_parent.path().join("mnt")
     }
+
+    /// Hands the mount to a new engine-side executor (fresh node and handle tables, as after
+    /// an engine restart) allowing the same export, and returns it with what was restored.
+    pub fn reattach_to_a_new_engine(&self) -> (Arc<FsServer>, dpuctl::fs::client::Restored) {
+        let export = std::fs::canonicalize(self.export()).unwrap();
+        let fresh = Arc::new(FsServer::with_policy(
+            Arc::new(StaticPolicy::new().with(ListType::Mount, &export)),
+            FsServerOptions {
+                pool: FsPool::new(2).unwrap(),
+            },
+        ));
+        let client = self.mount.as_ref().expect("mounted").client();
+        let transport = Arc::new(InProcessTransport::new(fresh.clone()));
+        let restored = self
+            .rt
+            .block_on(client.reattach(transport))
+            .expect("reattach");
+        (fresh, restored)
+    }
 }
 
 pub fn can_mount() -> Result<(), String> {
