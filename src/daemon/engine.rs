@@ -337,6 +337,7 @@ impl Engine {
         let peer = uds.as_ref().map(|uds| {
             let mut peer_opts = opts.clone();
             peer_opts.max_in_flight = e.uds_threads.max(1) * 64;
+            peer_opts.coalesce_writes = true;
             PeerManager::new(
                 hello.clone(),
                 auth.clone(),

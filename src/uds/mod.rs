@@ -147,6 +147,7 @@ async fn run_main(a: UdsArgs) -> Result<(), StartError> {
     let hello = Hello::new(Role::Udsproxyd);
     let opts = LinkOptions {
         max_in_flight: u.threads.max(1) * 64,
+        coalesce_writes: true,
         ..LinkOptions::default()
     };
     let uds = UdsProxy::new(daemon.allowlist.clone());

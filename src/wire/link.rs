@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -80,6 +80,9 @@ const STREAM_CHUNK: usize = 256 * 1024;
 const MIN_STREAM_WINDOW: usize = 16 * 1024;
 /// BufWriter capacity: payloads at least this large bypass the buffer (no copy).
 const WRITE_BUF: usize = 64 * 1024;
+/// Frames a link's bypass appends closer together than this are coalesced into one write
+/// when the link asks for it (LinkOptions::coalesce_writes).
+const BUSY_GAP: Duration = Duration::from_micros(50);
 /// How long a closing side tries to deliver its Goaway.
 const GOAWAY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Concurrent handshakes per listener: a connection flood can hold at most this many
@@ -261,6 +264,12 @@ pub struct LinkOptions {
     /// Streams open at once per link (default 16384); the peer's opens beyond it are refused
     /// with EAGAIN.
     pub max_streams: usize,
+    /// Frames that tasks on the link's runtime write through the bypass are flushed by the
+    /// writer once the other runnable tasks have appended theirs, so frames of many busy
+    /// streams share one system call and one TCP segment (default off). Worth it for many
+    /// concurrent streams (udsproxyd); it costs a task hand-off per message, which a link
+    /// of one request at a time (a qtfs mount's metadata calls) feels.
+    pub coalesce_writes: bool,
 }
 
 impl Default for LinkOptions {
@@ -275,6 +284,7 @@ impl Default for LinkOptions {
             call_timeout: None,
             stream_window: 512 * 1024,
             max_streams: 16384,
+            coalesce_writes: false,
         }
     }
 }
@@ -295,6 +305,7 @@ impl LinkOptions {
                 .stream_window
                 .clamp(MIN_STREAM_WINDOW, u32::MAX as usize),
             max_streams: self.max_streams.max(1),
+            coalesce_writes: self.coalesce_writes,
         }
     }
 
@@ -409,6 +420,10 @@ struct Inner {
     queued: AtomicUsize,
     /// Wakes the writer to finish a flush the bypass could not complete.
     flush_needed: tokio::sync::Notify,
+    /// When the bypass last appended a frame, in nanoseconds since `born`: frames closer
+    /// together than [`BUSY_GAP`] are coalesced (LinkOptions::coalesce_writes).
+    last_bypass: AtomicU64,
+    born: Instant,
     /// The runtime the link's tasks run on, for work started from other threads
     /// ([`Link::call_then`]).
     rt: tokio::runtime::Handle,
@@ -450,6 +465,8 @@ struct Counters {
     /// Frames written by the bypass and by the writer task (tests check both paths run).
     frames_bypassed: AtomicU64,
     frames_queued: AtomicU64,
+    /// Bypassed frames left in the buffer for the writer's shared flush.
+    frames_coalesced: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -661,6 +678,11 @@ impl Inner {
             .bytes_out
             .fetch_add(len as u64, Ordering::Relaxed);
         self.stats.frames_bypassed.fetch_add(1, Ordering::Relaxed);
+        if self.coalesce(w.buffer().len() > len) {
+            self.stats.frames_coalesced.fetch_add(1, Ordering::Relaxed);
+            self.flush_needed.notify_one();
+            return true;
+        }
         match w.flush().now_or_never() {
             Some(Ok(())) => {}
             Some(Err(e)) => {
@@ -670,6 +692,21 @@ impl Inner {
             None => self.flush_needed.notify_one(),
         }
         true
+    }
+
+    /// Whether the bypass should leave its frame in the buffer for the writer to flush once
+    /// the other runnable tasks have appended theirs (LinkOptions::coalesce_writes): when
+    /// frames are already waiting there, or the previous frame was appended less than
+    /// [`BUSY_GAP`] ago. A lone message on a quiet link is flushed at once, as it costs a
+    /// task hand-off to wait and there is nothing to share the system call with.
+    fn coalesce(&self, others_waiting: bool) -> bool {
+        if !self.opts.coalesce_writes {
+            return false;
+        }
+        let now = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self.last_bypass.swap(now, Ordering::Relaxed);
+        let busy = others_waiting || now.saturating_sub(last) < BUSY_GAP.as_nanos() as u64;
+        busy && tokio::runtime::Handle::try_current().is_ok()
     }
 
     async fn ping(&self, wait: Duration) -> Result<Duration, CallError> {
@@ -750,6 +787,8 @@ impl Link {
             wr: tokio::sync::Mutex::new(None),
             queued: AtomicUsize::new(0),
             flush_needed: tokio::sync::Notify::new(),
+            last_bypass: AtomicU64::new(0),
+            born: Instant::now(),
             rt: tokio::runtime::Handle::current(),
         });
         // Use the lock-free owned split when the transport is our Stream.
@@ -1206,7 +1245,11 @@ async fn write_loop(inner: &Inner, rx: &mut Outgoing, clean: &mut bool) -> Resul
                 None => return Ok(()),
                 f => f,
             },
-            _ = inner.flush_needed.notified() => None,
+            _ = inner.flush_needed.notified() => {
+                // Let the tasks already runnable append their frames first.
+                tokio::task::yield_now().await;
+                None
+            }
         };
         let mut guard = inner.wr.lock().await;
         let Some(w) = guard.as_mut() else {
@@ -1216,10 +1259,10 @@ async fn write_loop(inner: &Inner, rx: &mut Outgoing, clean: &mut bool) -> Resul
         while let Some(frame) = next.take() {
             *clean = false;
             let header = frame.header().encode();
-            let write = async {
-                w.write_all(&header).await?;
-                w.write_all(&frame.payload).await
-            };
+            // One gathered write of header and payload: a frame larger than the buffer
+            // goes to the socket in one system call instead of two or three.
+            let mut out = Buf::chain(&header[..], frame.payload.clone());
+            let write = w.write_all_buf(&mut out);
             match tokio::time::timeout(stall, write).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(format!("write failed: {e}")),
@@ -2446,14 +2489,58 @@ mod tests {
     /// threads, every stream keeps its bytes in order and every call gets its own answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
     async fn bypassed_and_queued_frames_keep_order_under_pressure() {
+        let a = order_under_pressure(LinkOptions::default()).await;
+        assert_eq!(a.inner.stats.frames_coalesced.load(Ordering::Relaxed), 0);
+    }
+
+    /// The same with coalesced writes (udsproxyd's links): bypassed frames wait in the buffer
+    /// for the writer's shared flush, and none is lost, reordered or left unflushed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn coalesced_frames_keep_order_under_pressure() {
+        let opts = LinkOptions {
+            coalesce_writes: true,
+            ..LinkOptions::default()
+        };
+        let a = order_under_pressure(opts).await;
+        let coalesced = a.inner.stats.frames_coalesced.load(Ordering::Relaxed);
+        assert!(coalesced > 0, "no frame was coalesced");
+    }
+
+    /// A lone call on a quiet coalescing link is flushed at once: its answer arrives although
+    /// nothing else is ever written (a frame left for a flush that never comes would hang).
+    #[tokio::test]
+    async fn a_lone_call_on_a_coalescing_link_is_not_held_back() {
+        let opts = LinkOptions {
+            coalesce_writes: true,
+            ..LinkOptions::default()
+        };
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let svc = Arc::new(Svc {
+            dropped: Arc::new(AtomicBool::new(false)),
+        });
+        let a = Link::spawn(x, peer("b"), svc.clone(), opts.clone());
+        let _b = Link::spawn(y, peer("a"), svc, opts);
+        for i in 0..20u32 {
+            let body = Bytes::from(format!("ping {i}"));
+            let answer = tokio::time::timeout(Duration::from_secs(5), a.call(1, body.clone()))
+                .await
+                .expect("the answer came")
+                .unwrap();
+            assert_eq!(answer, body);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Runs the pressure workload over one link with `opts`; returns the sending side.
+    async fn order_under_pressure(opts: LinkOptions) -> Link {
         let (x, y) = tokio::io::duplex(4096);
         let svc = |_| {
             Arc::new(Svc {
                 dropped: Arc::new(AtomicBool::new(false)),
             })
         };
-        let a = Link::spawn(x, peer("b"), svc(()), LinkOptions::default());
-        let _b = Link::spawn(y, peer("a"), svc(()), LinkOptions::default());
+        let a = Link::spawn(x, peer("b"), svc(()), opts.clone());
+        let _b = Link::spawn(y, peer("a"), svc(()), opts);
         let mut tasks = Vec::new();
         for s in 0..4u32 {
             let a = a.clone();
@@ -2507,6 +2594,7 @@ mod tests {
             bypassed > 100 && queued >= must_queue,
             "bypassed {bypassed}, queued {queued}, must_queue {must_queue}"
         );
+        a
     }
 
     /// Frame sizes summing to `total`: mostly small (bypass candidates), every fourth larger
