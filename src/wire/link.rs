@@ -17,6 +17,10 @@
 //!   writer is woken to finish it. The bypass never awaits (a cancelled caller cannot leave
 //!   half a frame) and takes only frames that fit in the buffer; a count of queued frames,
 //!   uncounted by the writer under the same lock, keeps every sender's frames in order.
+//!   With `coalesce_writes` (udsproxyd's links), a frame appended less than `BUSY_GAP` after
+//!   the previous one, or behind frames still waiting, is not flushed by its sender: the
+//!   writer flushes once the other runnable tasks have appended theirs, so many proxied
+//!   connections share one system call and one TCP segment.
 //! - **keepalive**: a Ping every `keepalive`, which also measures the round-trip time.
 //!
 //! Shared state lives in `Inner` behind an `Arc`: the pending-call table and close reason
