@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages dpuctl's build, tests and demo need (Debian/Ubuntu, as root).
 set -euo pipefail
-pkgs=(fuse3 libfuse3-dev pkg-config util-linux procps tmux iproute2 libacl1-dev acl redis-server redis-tools postgresql python3)
+pkgs=(fuse3 libfuse3-dev pkg-config util-linux procps tmux iproute2 libacl1-dev acl redis-server redis-tools postgresql python3 groff-base man-db)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

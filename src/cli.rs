@@ -27,6 +27,7 @@ pub enum Tool {
     Tui,
     Demo,
     UdsConnect,
+    Man,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -82,6 +83,7 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Tui => crate::tui::main(args),
         Tool::Demo => crate::demo::main(args),
         Tool::UdsConnect => crate::uds::connect::main(args),
+        Tool::Man => man_main(args),
     }
 }
 
@@ -110,6 +112,11 @@ engine, udsproxyd, qtcfg, mount.qtfs, rexec, rexec_server.",
 struct Top {
     #[command(subcommand)]
     tool: TopTool,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn top_command() -> clap::Command {
+    <Top as clap::CommandFactory>::command()
 }
 
 /// Each variant swallows the tool's own arguments; the tool parses them.
@@ -144,6 +151,8 @@ enum TopTool {
     Demo(Rest),
     /// Connect stdin/stdout to a Unix socket on the peer machine through udsproxyd
     UdsConnect(Rest),
+    /// Print a tool's manual page, or write them all (--out-dir)
+    Man(Rest),
 }
 
 impl TopTool {
@@ -163,6 +172,7 @@ impl TopTool {
             TopTool::Tui(_) => Tool::Tui,
             TopTool::Demo(_) => Tool::Demo,
             TopTool::UdsConnect(_) => Tool::UdsConnect,
+            TopTool::Man(_) => Tool::Man,
         }
     }
 }
@@ -181,10 +191,11 @@ struct Rest {
 #[command(
     name = "dpuctl install",
     about = "Create the tool links for this binary",
-    long_about = "Copies this binary to PREFIX/bin/dpuctl (unless it already runs from there) and \
-creates the links engine, udsproxyd, qtcfg in PREFIX/bin and mount.qtfs in PREFIX/sbin, so that \
-`mount -t qtfs` finds its helper. Idempotent: links that are already right are left alone; a \
-different file in the way is an error unless --force.",
+    long_about = "Copies this binary to PREFIX/bin/dpuctl (unless it already runs from there), \
+creates the links engine, udsproxyd, qtcfg, rexec, rexec_server in PREFIX/bin and mount.qtfs in \
+PREFIX/sbin, so that `mount -t qtfs` finds its helper, and writes the manual pages under \
+PREFIX/share/man. Idempotent: links and pages that are already right are left alone; a different \
+file in the way of a link is an error unless --force.",
     after_help = "Examples:\n  dpuctl install                 # /usr/bin/{dpuctl,engine,...}, /usr/sbin/mount.qtfs\n  dpuctl install --prefix /opt/dpuctl --dry-run"
 )]
 struct InstallArgs {
@@ -200,6 +211,11 @@ struct InstallArgs {
     /// Print the actions as JSON
     #[arg(long)]
     json: bool,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn install_command() -> clap::Command {
+    <InstallArgs as clap::CommandFactory>::command()
 }
 
 /// What `install` did (or would do) at one path.
@@ -231,6 +247,11 @@ pub enum InstallError {
     InTheWay { path: PathBuf },
     #[error("cannot create link {path}: {source}")]
     Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the manual pages under {path}: {source}")]
+    Man {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -335,6 +356,18 @@ pub fn install(
             target,
         });
     }
+    let man_dir = prefix.join("share/man");
+    let pages = crate::man::write_all(&man_dir, dry_run).map_err(|source| InstallError::Man {
+        path: man_dir.clone(),
+        source,
+    })?;
+    for ((path, changed), page) in pages.into_iter().zip(crate::man::pages()) {
+        actions.push(InstallAction {
+            path,
+            action: if changed { "written" } else { "unchanged" },
+            target: PathBuf::from(format!("{}({})", page.name, page.section)),
+        });
+    }
     Ok(actions)
 }
 
@@ -420,6 +453,98 @@ pub fn fail(tool: &str, e: &dyn std::error::Error) -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------------------------
+// dpuctl man
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpuctl man",
+    about = "Print a tool's manual page, or write them all",
+    long_about = "Prints the manual page of PAGE as roff on stdout, to read with `man -l -`, or with \
+--out-dir writes every page under DIR/man1 and DIR/man8 (pages already up to date are left \
+alone). `dpuctl install` installs them under PREFIX/share/man. The pages are made from the same \
+text as each tool's --help.",
+    after_help = "Examples:\n  dpuctl man rexec | man -l -\n  dpuctl man status | man -l -          # dpuctl-status(8)\n  dpuctl man --out-dir /usr/local/share/man\n  dpuctl man --list\n\nExit status: 0 done, 1 no such page or a page could not be written, 2 usage error."
+)]
+struct ManArgs {
+    /// The page: a tool (rexec, mount.qtfs, status) or a page name (dpuctl-status.8)
+    #[arg(required_unless_present_any = ["out_dir", "list"], conflicts_with_all = ["out_dir", "list"])]
+    page: Option<String>,
+    /// Write every page under DIR (DIR/man1, DIR/man8)
+    #[arg(long, value_name = "DIR", conflicts_with = "list")]
+    out_dir: Option<PathBuf>,
+    /// List the pages
+    #[arg(long)]
+    list: bool,
+    /// Print the list, or the pages written, as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn man_command() -> clap::Command {
+    <ManArgs as clap::CommandFactory>::command()
+}
+
+fn man_main(args: Vec<OsString>) -> ExitCode {
+    let a = match ManArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    if a.list {
+        let pages = crate::man::pages();
+        if a.json {
+            let v: Vec<_> = pages
+                .iter()
+                .map(|p| serde_json::json!({ "name": p.name, "section": p.section, "file": p.file_name() }))
+                .collect();
+            println!("{}", serde_json::Value::Array(v));
+        } else {
+            for p in &pages {
+                println!("{}({})", p.name, p.section);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if let Some(dir) = &a.out_dir {
+        return match crate::man::write_all(dir, false) {
+            Ok(written) => {
+                if a.json {
+                    let v: Vec<_> = written
+                        .iter()
+                        .map(|(path, changed)| serde_json::json!({ "path": path, "changed": changed }))
+                        .collect();
+                    println!("{}", serde_json::json!({ "pages": v }));
+                } else {
+                    for (path, changed) in &written {
+                        let what = if *changed { "written" } else { "unchanged" };
+                        println!("{what:<10} {}", path.display());
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "dpuctl man: cannot write the pages under {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let name = a.page.unwrap_or_default();
+    match crate::man::find(&name) {
+        Some(page) => {
+            print!("{}", page.render());
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("dpuctl man: no manual page for {name:?}; `dpuctl man --list` shows them");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // dpuctl keygen
 
 #[derive(Debug, Parser)]
@@ -440,6 +565,11 @@ struct KeygenArgs {
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn keygen_command() -> clap::Command {
+    <KeygenArgs as clap::CommandFactory>::command()
 }
 
 fn keygen_main(args: Vec<OsString>) -> ExitCode {
@@ -471,6 +601,11 @@ fn keygen_main(args: Vec<OsString>) -> ExitCode {
 struct ConfigArgs {
     #[command(subcommand)]
     action: ConfigAction,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn config_command() -> clap::Command {
+    <ConfigArgs as clap::CommandFactory>::command()
 }
 
 #[derive(Debug, Subcommand)]
@@ -590,7 +725,11 @@ mod tests {
         let prefix = dir.path().join("prefix");
         let first = install(&prefix, &exe, false, false).unwrap();
         assert_eq!(first[0].action, "copied");
-        assert!(first[1..].iter().all(|a| a.action == "linked"));
+        assert!(first[1..]
+            .iter()
+            .all(|a| a.action == "linked" || a.action == "written"));
+        assert!(prefix.join("share/man/man1/rexec.1").is_file());
+        assert!(prefix.join("share/man/man8/mount.qtfs.8").is_file());
         assert_eq!(
             std::fs::read_link(prefix.join("sbin/mount.qtfs")).unwrap(),
             PathBuf::from("../bin/dpuctl")

@@ -80,6 +80,11 @@ struct DemoArgs {
     no_color: bool,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <DemoArgs as clap::CommandFactory>::command()
+}
+
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod demo;
 pub mod exec;
 pub mod fs;
+pub mod man;
 pub mod tui;
 pub mod uds;
 pub mod wire;

@@ -143,3 +143,59 @@ fn install_creates_links_that_work_and_is_idempotent() {
         "second run changes nothing: {v}"
     );
 }
+
+#[test]
+fn man_prints_a_page_lists_them_and_writes_them() {
+    let out = dpuctl(&["man", "rexec"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.contains(".TH REXEC 1 ") && page.contains(".SH OPTIONS"),
+        "{page}"
+    );
+    let out = dpuctl(&["man", "--list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["file"].as_str())
+        .collect();
+    for want in [
+        "dpuctl.8",
+        "engine.8",
+        "udsproxyd.8",
+        "mount.qtfs.8",
+        "rexec.1",
+        "rexec_server.8",
+        "qtcfg.8",
+    ] {
+        assert!(files.contains(&want), "{want} missing from {files:?}");
+    }
+    let out = dpuctl(&["man", "nonesuch"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("dpuctl man --list"), "{}", text(&out));
+    let scratch = Scratch::new();
+    let dir = scratch.path("man");
+    let out = dpuctl(&["man", "--out-dir", s(&dir)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        files.len(),
+        "one line per page"
+    );
+    // man(1) reads the written page.
+    let out = Command::new("man")
+        .args(["-l", s(&dir.join("man8/mount.qtfs.8"))])
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .output();
+    match out {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", text(&out));
+            assert!(String::from_utf8_lossy(&out.stdout).contains("reconnect_wait"));
+        }
+        Err(e) => eprintln!("SKIPPED the man(1) check: man is not installed ({e})"),
+    }
+}

@@ -111,6 +111,11 @@ struct Cli {
     persist: bool,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 fn parse_type(s: &str) -> Result<ListType, String> {
     s.parse::<ListType>().map_err(|e| e.to_string())
 }

@@ -72,6 +72,11 @@ struct EngineArgs {
     common: CommonFlags,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <EngineArgs as clap::CommandFactory>::command()
+}
+
 /// The flags every daemon shares.
 #[derive(Debug, clap::Args)]
 pub struct CommonFlags {

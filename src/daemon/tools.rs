@@ -51,6 +51,11 @@ struct StatusArgs {
     run_dir: PathBuf,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn status_cli() -> clap::Command {
+    <StatusArgs as clap::CommandFactory>::command()
+}
+
 /// `dpuctl logs`: the daemons' recent and live log events.
 #[derive(Debug, Parser)]
 #[command(
@@ -78,6 +83,11 @@ struct LogsArgs {
     /// Directory of the daemons' control sockets.
     #[arg(long, value_name = "DIR", env = "DPUCTL_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn logs_cli() -> clap::Command {
+    <LogsArgs as clap::CommandFactory>::command()
 }
 
 /// Severity rank: lower is more severe; unknown levels rank 0 so they are always shown.

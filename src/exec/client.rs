@@ -89,6 +89,11 @@ struct ClientArgs {
     command: Vec<OsString>,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <ClientArgs as clap::CommandFactory>::command()
+}
+
 /// Why rexec failed; [`ClientError::exit_code`] maps each to the documented exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -972,6 +972,11 @@ struct ServerArgs {
     log_level: Option<String>,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <ServerArgs as clap::CommandFactory>::command()
+}
+
 /// Entry point for `rexec_server` and `dpuctl rexec_server`.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let a = match ServerArgs::try_parse_from(args) {

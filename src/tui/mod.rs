@@ -95,6 +95,11 @@ struct TuiArgs {
     interval: Duration,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <TuiArgs as clap::CommandFactory>::command()
+}
+
 /// Parses `--run-dir` values into `(label, dir)`: `LABEL=DIR`, or a bare `DIR` labelled
 /// `local` when it is the only one and by its last path component otherwise.
 pub fn parse_dirs(values: &[String]) -> Vec<(String, PathBuf)> {

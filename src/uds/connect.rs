@@ -43,6 +43,11 @@ struct Args {
     remote_path: PathBuf,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 /// Why a remote connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

@@ -62,6 +62,11 @@ struct UdsArgs {
     common: CommonFlags,
 }
 
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn command() -> clap::Command {
+    <UdsArgs as clap::CommandFactory>::command()
+}
+
 fn apply_args(config: &mut Config, a: &UdsArgs) -> Result<(), StartError> {
     let u = &mut config.udsproxyd;
     let p = &a.positional;
