@@ -414,8 +414,6 @@ fn install_main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-/// Prints `<tool>: <error>: <cause>...` on stderr (causes already in the message are not
-/// repeated) and returns exit code 1.
 /// Runs a daemon's async main on a multi-threaded runtime (`threads` workers, or one per
 /// core) and turns its outcome into the exit status, printing the error chain on failure.
 pub fn run_daemon<E, F>(tool: &str, threads: Option<usize>, main: F) -> ExitCode
@@ -437,6 +435,8 @@ where
     }
 }
 
+/// Prints `<tool>: <error>: <cause>...` on stderr (causes already in the message are not
+/// repeated) and returns exit code 1.
 pub fn fail(tool: &str, e: &dyn std::error::Error) -> ExitCode {
     let mut msg = e.to_string();
     let mut source = e.source();
