@@ -1159,3 +1159,85 @@ fn writeback_pages_dirtied_during_an_outage_reach_the_new_engine() {
         b"before the outage; during it after."
     );
 }
+
+/// `fresh_dirs`: in a directory this mount created, lookups of names it did not make are
+/// answered without a round trip; names the HOST adds stay hidden until the directory is
+/// contradicted (EEXIST, a listing) or expires, and directories made elsewhere are untouched.
+#[test]
+fn fresh_dirs_answer_absent_names_locally_until_contradicted_or_expired() {
+    let opts = ClientOptions {
+        fresh_dirs: std::time::Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    let stats = fx.mount.as_ref().unwrap().stats();
+    let lookups = || stats.snapshot().get("lookup").map_or(0, |o| o.count);
+    let (mnt, host) = (fx.mnt(), fx.export());
+
+    fs::create_dir(mnt.join("d")).unwrap();
+    let before = lookups();
+    for i in 0..100 {
+        File::create(mnt.join(format!("d/f{i}"))).unwrap();
+    }
+    assert_eq!(code(fs::metadata(mnt.join("d/none"))), libc::ENOENT);
+    assert!(
+        lookups() - before <= 2,
+        "{} lookups went to the engine for 100 creates in a fresh directory",
+        lookups() - before
+    );
+    // What the mount made is there, renames and unlinks keep the names right.
+    fs::rename(mnt.join("d/f1"), mnt.join("d/g1")).unwrap();
+    assert_eq!(code(fs::metadata(mnt.join("d/f1"))), libc::ENOENT);
+    assert!(fs::metadata(mnt.join("d/g1")).is_ok());
+    fs::remove_file(mnt.join("d/f2")).unwrap();
+    assert_eq!(code(fs::metadata(mnt.join("d/f2"))), libc::ENOENT);
+    fs::create_dir(mnt.join("d/sub")).unwrap();
+    fs::write(mnt.join("d/sub/x"), b"x").unwrap();
+    assert_eq!(fs::read(mnt.join("d/sub/x")).unwrap(), b"x");
+
+    // A name the HOST adds is hidden (the documented price) ...
+    fs::write(host.join("d/host"), b"h").unwrap();
+    assert_eq!(code(fs::metadata(mnt.join("d/host"))), libc::ENOENT);
+    // ... until something contradicts the table: an exclusive create finds it.
+    let excl = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(mnt.join("d/host"));
+    assert_eq!(code(excl), libc::EEXIST);
+    assert_eq!(fs::read(mnt.join("d/host")).unwrap(), b"h");
+
+    // A listing that shows an unknown name ends the trust too.
+    fs::create_dir(mnt.join("e")).unwrap();
+    fs::write(host.join("e/host"), b"h").unwrap();
+    assert_eq!(code(fs::metadata(mnt.join("e/host"))), libc::ENOENT);
+    let listed: Vec<_> = fs::read_dir(mnt.join("e"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listed, vec![std::ffi::OsString::from("host")]);
+    assert_eq!(fs::read(mnt.join("e/host")).unwrap(), b"h");
+
+    // A directory the HOST made is never taken to be fresh.
+    fs::create_dir(host.join("h")).unwrap();
+    assert!(fs::metadata(mnt.join("h")).is_ok());
+    fs::write(host.join("h/a"), b"a").unwrap();
+    assert_eq!(fs::read(mnt.join("h/a")).unwrap(), b"a");
+}
+
+#[test]
+fn fresh_dirs_expire() {
+    let opts = ClientOptions {
+        fresh_dirs: std::time::Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    fs::create_dir(fx.mnt().join("d")).unwrap();
+    fs::write(fx.export().join("d/host"), b"h").unwrap();
+    assert_eq!(code(fs::metadata(fx.mnt().join("d/host"))), libc::ENOENT);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(fs::read(fx.mnt().join("d/host")).unwrap(), b"h");
+}

@@ -10,6 +10,7 @@
 //! Concurrency: the fuser session threads only decode, encode and spawn; all waiting happens
 //! in tasks on the given runtime. The client holds no per-request state of its own.
 
+use super::fresh::FreshDirs;
 use super::known::{Known, KnownFile};
 use super::proto::{self, set, Attr, Creds, Entry, Lock, Request, Response, SetTime, Time};
 use super::stats::MountStats;
@@ -57,6 +58,9 @@ pub struct ClientOptions {
     pub local_proc: PathBuf,
     /// Let every user use the mount (allow_other), on by default.
     pub allow_other: bool,
+    /// How long a directory this mount created is taken to change only through it
+    /// (`fresh_dirs`, see `fresh.rs`); zero (the default) is off.
+    pub fresh_dirs: Duration,
 }
 
 impl Default for ClientOptions {
@@ -72,6 +76,7 @@ impl Default for ClientOptions {
             proc_mode: false,
             local_proc: PathBuf::from("/local_proc"),
             allow_other: true,
+            fresh_dirs: Duration::ZERO,
         }
     }
 }
@@ -87,6 +92,8 @@ struct Inner {
     root: AtomicU64,
     /// What a reconnect restores ([`Known`]).
     known: Mutex<Known>,
+    /// Directories this mount created and knows every name of (`fresh_dirs`).
+    fresh: Mutex<FreshDirs>,
     /// Calls held while the link is down ([`QtfsClient::hold_calls`]); `holding` is the fast
     /// check on every call.
     holding: AtomicBool,
@@ -380,6 +387,7 @@ impl QtfsClient {
         opts: ClientOptions,
     ) -> Result<QtfsClient, FsCallError> {
         let root = mount_root(transport.as_ref(), remote_path, &opts).await?;
+        let fresh_ttl = opts.fresh_dirs;
         Ok(QtfsClient {
             inner: Arc::new(Inner {
                 transport: RwLock::new(transport),
@@ -388,6 +396,7 @@ impl QtfsClient {
                 remote: remote_path.to_path_buf(),
                 root: AtomicU64::new(root),
                 known: Mutex::new(Known::default()),
+                fresh: Mutex::new(FreshDirs::new(fresh_ttl)),
                 holding: AtomicBool::new(false),
                 held: Mutex::new(Held::default()),
                 reconnect_wait_ms: AtomicU64::new(0),
@@ -418,6 +427,8 @@ impl QtfsClient {
             let known = lock(&self.inner.known);
             (known.plan(0), known.len().1)
         };
+        // The HOST may have changed anything while the engine was away.
+        lock(&self.inner.fresh).clear();
         call(t, &Request::Reserve { floor: plan.floor }, &no_creds()).await?;
         let root = mount_root(t, &self.inner.remote, &self.inner.opts).await?;
         let on = |ino: u64| if ino == 1 { root } else { ino };
@@ -847,10 +858,51 @@ impl QtfsClient {
         match r {
             Ok(Response::Entry(e)) => {
                 self.known(parent, name, &e);
+                if let Some(mut f) = self.fresh() {
+                    f.added(parent, name);
+                }
                 self.send_entry(&e, reply)
             }
             Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => {
+                self.fresh_contradicted(e, &[parent]);
+                reply.error(errno(e))
+            }
+        }
+    }
+
+    /// A directory listing showed `name` in `dir`: if the fresh-directory table did not know
+    /// it, something else changed the directory, so it is no longer trusted.
+    fn fresh_listed(&self, dir: u64, name: &[u8]) {
+        if name == b"." || name == b".." {
+            return;
+        }
+        if let Some(mut f) = self.fresh() {
+            if f.absent(dir, name, Instant::now()) {
+                f.drop_dir(dir);
+            }
+        }
+    }
+
+    /// The fresh-directory table, when `fresh_dirs` is on.
+    fn fresh(&self) -> Option<MutexGuard<'_, FreshDirs>> {
+        if self.inner.opts.fresh_dirs.is_zero() {
+            return None;
+        }
+        Some(lock(&self.inner.fresh))
+    }
+
+    /// An answer that contradicts what the fresh-directory table believes about a name in
+    /// these directories (EEXIST for a name thought absent, ENOENT for one thought present):
+    /// stop trusting them.
+    fn fresh_contradicted(&self, err: i32, dirs: &[u64]) {
+        if err != libc::EEXIST && err != libc::ENOENT {
+            return;
+        }
+        if let Some(mut f) = self.fresh() {
+            for d in dirs {
+                f.drop_dir(*d);
+            }
         }
     }
 
@@ -998,6 +1050,13 @@ impl Filesystem for QtfsClient {
                 return;
             }
         }
+        if let Some(mut f) = self.fresh() {
+            if f.absent(parent.0, name.as_bytes(), Instant::now()) {
+                drop(f);
+                reply.error(Errno::ENOENT);
+                return;
+            }
+        }
         let name = name.as_bytes().to_vec();
         let r = Request::Lookup {
             parent: self.node(parent),
@@ -1027,6 +1086,9 @@ impl Filesystem for QtfsClient {
             return;
         }
         lock(&self.inner.known).forgot(ino.0, nlookup);
+        if let Some(mut f) = self.fresh() {
+            f.drop_dir(ino.0);
+        }
         self.forget_later(&[(ino.0, nlookup)]);
     }
 
@@ -1179,6 +1241,9 @@ impl Filesystem for QtfsClient {
             umask,
         };
         self.call(r, self.creds_of(req), move |me, r| {
+            if let (Ok(Response::Entry(e)), Some(mut f)) = (&r, me.fresh()) {
+                f.created(me.ino(e.node), Instant::now());
+            }
             me.reply_entry(r, parent.0, &name_b, reply)
         });
     }
@@ -1190,8 +1255,14 @@ impl Filesystem for QtfsClient {
             name: name.clone(),
         };
         self.call(r, self.creds_of(req), move |me, r| {
-            if r.is_ok() {
-                lock(&me.inner.known).removed(parent.0, &name);
+            match &r {
+                Ok(_) => {
+                    lock(&me.inner.known).removed(parent.0, &name);
+                    if let Some(mut f) = me.fresh() {
+                        f.removed(parent.0, &name);
+                    }
+                }
+                Err(e) => me.fresh_contradicted(*e, &[parent.0]),
             }
             Self::reply_empty(r, reply)
         });
@@ -1204,8 +1275,14 @@ impl Filesystem for QtfsClient {
             name: name.clone(),
         };
         self.call(r, self.creds_of(req), move |me, r| {
-            if r.is_ok() {
-                lock(&me.inner.known).removed(parent.0, &name);
+            match &r {
+                Ok(_) => {
+                    lock(&me.inner.known).removed(parent.0, &name);
+                    if let Some(mut f) = me.fresh() {
+                        f.removed(parent.0, &name);
+                    }
+                }
+                Err(e) => me.fresh_contradicted(*e, &[parent.0]),
             }
             Self::reply_empty(r, reply)
         });
@@ -1250,8 +1327,14 @@ impl Filesystem for QtfsClient {
         };
         let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
         self.call(r, self.creds_of(req), move |me, r| {
-            if r.is_ok() {
-                lock(&me.inner.known).renamed(parent.0, &name, newparent.0, &newname, exchange);
+            match &r {
+                Ok(_) => {
+                    lock(&me.inner.known).renamed(parent.0, &name, newparent.0, &newname, exchange);
+                    if let Some(mut f) = me.fresh() {
+                        f.renamed(parent.0, &name, newparent.0, &newname, exchange);
+                    }
+                }
+                Err(e) => me.fresh_contradicted(*e, &[parent.0, newparent.0]),
             }
             Self::reply_empty(r, reply)
         });
@@ -1423,6 +1506,7 @@ impl Filesystem for QtfsClient {
         self.dir_batch(req, ino, fh.0, offset, false, move |me, r| match r {
             Ok(buf) => {
                 me.dir_serve(fh.0, buf, |_, e| {
+                    me.fresh_listed(ino.0, &e.name);
                     reply.add(
                         INodeNo(e.ino),
                         e.offset,
@@ -1474,6 +1558,7 @@ impl Filesystem for QtfsClient {
                     );
                     if let (false, Some(en)) = (full, &e.entry) {
                         me.known(ino.0, &e.name, en);
+                        me.fresh_listed(ino.0, &e.name);
                     }
                     full
                 });
@@ -1641,6 +1726,9 @@ impl Filesystem for QtfsClient {
         self.call(r, creds.clone(), move |me, r| match r {
             Ok(Response::Created { entry, fh, flags }) => {
                 me.known(parent.0, &name, &entry);
+                if let Some(mut f) = me.fresh() {
+                    f.added(parent.0, &name);
+                }
                 me.opened(fh, INodeNo(me.ino(entry.node)), sent, false, creds);
                 reply.created(
                     &me.inner.opts.entry_ttl,
@@ -1651,7 +1739,10 @@ impl Filesystem for QtfsClient {
                 )
             }
             Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => {
+                me.fresh_contradicted(e, &[parent.0]);
+                reply.error(errno(e))
+            }
         });
     }
 

@@ -21,6 +21,7 @@
 //! Concurrency: see each submodule; all shared state is behind `Arc` and short `Mutex`es.
 
 pub mod client;
+pub mod fresh;
 pub mod known;
 pub mod link;
 pub mod mount;
