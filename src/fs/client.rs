@@ -884,6 +884,19 @@ impl QtfsClient {
         }
     }
 
+    /// Bookkeeping after an unlink or rmdir of `name` in `parent` answered `r`.
+    fn name_removed(&self, r: &Result<Response, i32>, parent: u64, name: &[u8]) {
+        match r {
+            Ok(_) => {
+                lock(&self.inner.known).removed(parent, name);
+                if let Some(mut f) = self.fresh() {
+                    f.removed(parent, name);
+                }
+            }
+            Err(e) => self.fresh_contradicted(*e, &[parent]),
+        }
+    }
+
     /// The fresh-directory table, when `fresh_dirs` is on.
     fn fresh(&self) -> Option<MutexGuard<'_, FreshDirs>> {
         if self.inner.opts.fresh_dirs.is_zero() {
@@ -1255,15 +1268,7 @@ impl Filesystem for QtfsClient {
             name: name.clone(),
         };
         self.call(r, self.creds_of(req), move |me, r| {
-            match &r {
-                Ok(_) => {
-                    lock(&me.inner.known).removed(parent.0, &name);
-                    if let Some(mut f) = me.fresh() {
-                        f.removed(parent.0, &name);
-                    }
-                }
-                Err(e) => me.fresh_contradicted(*e, &[parent.0]),
-            }
+            me.name_removed(&r, parent.0, &name);
             Self::reply_empty(r, reply)
         });
     }
@@ -1275,15 +1280,7 @@ impl Filesystem for QtfsClient {
             name: name.clone(),
         };
         self.call(r, self.creds_of(req), move |me, r| {
-            match &r {
-                Ok(_) => {
-                    lock(&me.inner.known).removed(parent.0, &name);
-                    if let Some(mut f) = me.fresh() {
-                        f.removed(parent.0, &name);
-                    }
-                }
-                Err(e) => me.fresh_contradicted(*e, &[parent.0]),
-            }
+            me.name_removed(&r, parent.0, &name);
             Self::reply_empty(r, reply)
         });
     }
