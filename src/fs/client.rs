@@ -425,7 +425,7 @@ impl QtfsClient {
         let t = transport.as_ref();
         let (plan, open) = {
             let known = lock(&self.inner.known);
-            (known.plan(0), known.len().1)
+            (known.plan(), known.len().1)
         };
         // The HOST may have changed anything while the engine was away.
         lock(&self.inner.fresh).clear();
@@ -786,10 +786,7 @@ impl QtfsClient {
             }
             _ => answer,
         };
-        self.inner
-            .transport
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.transport()
             .call_then(&self.inner.rt, op, payload, answer);
     }
 
@@ -857,10 +854,7 @@ impl QtfsClient {
     fn reply_entry(&self, r: Result<Response, i32>, parent: u64, name: &[u8], reply: ReplyEntry) {
         match r {
             Ok(Response::Entry(e)) => {
-                self.known(parent, name, &e);
-                if let Some(mut f) = self.fresh() {
-                    f.added(parent, name);
-                }
+                self.entry_made(parent, name, &e);
                 self.send_entry(&e, reply)
             }
             Ok(_) => reply.error(Errno::EIO),
@@ -881,6 +875,34 @@ impl QtfsClient {
             if f.absent(dir, name, Instant::now()) {
                 f.drop_dir(dir);
             }
+        }
+    }
+
+    /// Bookkeeping for an entry the kernel gets for `name` in `parent` from a lookup or a
+    /// creation: the name exists (both tables).
+    fn entry_made(&self, parent: u64, name: &[u8], e: &Entry) {
+        self.known(parent, name, e);
+        if let Some(mut f) = self.fresh() {
+            f.added(parent, name);
+        }
+    }
+
+    /// Bookkeeping after a rename answered `r`.
+    fn name_renamed(
+        &self,
+        r: &Result<Response, i32>,
+        (parent, name): (u64, &[u8]),
+        (newparent, newname): (u64, &[u8]),
+        exchange: bool,
+    ) {
+        match r {
+            Ok(_) => {
+                lock(&self.inner.known).renamed(parent, name, newparent, newname, exchange);
+                if let Some(mut f) = self.fresh() {
+                    f.renamed(parent, name, newparent, newname, exchange);
+                }
+            }
+            Err(e) => self.fresh_contradicted(*e, &[parent, newparent]),
         }
     }
 
@@ -1324,15 +1346,7 @@ impl Filesystem for QtfsClient {
         };
         let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
         self.call(r, self.creds_of(req), move |me, r| {
-            match &r {
-                Ok(_) => {
-                    lock(&me.inner.known).renamed(parent.0, &name, newparent.0, &newname, exchange);
-                    if let Some(mut f) = me.fresh() {
-                        f.renamed(parent.0, &name, newparent.0, &newname, exchange);
-                    }
-                }
-                Err(e) => me.fresh_contradicted(*e, &[parent.0, newparent.0]),
-            }
+            me.name_renamed(&r, (parent.0, &name), (newparent.0, &newname), exchange);
             Self::reply_empty(r, reply)
         });
     }
@@ -1722,10 +1736,7 @@ impl Filesystem for QtfsClient {
         let creds = self.creds_of(req);
         self.call(r, creds.clone(), move |me, r| match r {
             Ok(Response::Created { entry, fh, flags }) => {
-                me.known(parent.0, &name, &entry);
-                if let Some(mut f) = me.fresh() {
-                    f.added(parent.0, &name);
-                }
+                me.entry_made(parent.0, &name, &entry);
                 me.opened(fh, INodeNo(me.ino(entry.node)), sent, false, creds);
                 reply.created(
                     &me.inner.opts.entry_ttl,

@@ -99,8 +99,10 @@ impl Known {
             return;
         };
         k.nlookup = k.nlookup.saturating_sub(n);
-        if k.nlookup == 0 {
-            let k = self.nodes.remove(&node).expect("present");
+        if k.nlookup > 0 {
+            return;
+        }
+        if let Some(k) = self.nodes.remove(&node) {
             let key = (k.parent, k.name);
             if self.names.get(&key) == Some(&node) {
                 self.names.remove(&key);
@@ -174,9 +176,8 @@ impl Known {
         (self.nodes.len(), self.files.len())
     }
 
-    /// What a reconnect restores. `max_id` is the largest id the client used (handles
-    /// included) that is not in these tables.
-    pub fn plan(&self, max_id: u64) -> Plan {
+    /// What a reconnect restores.
+    pub fn plan(&self) -> Plan {
         let mut depth: HashMap<u64, Option<usize>> = HashMap::with_capacity(self.nodes.len());
         let mut plan = Plan::default();
         for &id in self.nodes.keys() {
@@ -208,7 +209,7 @@ impl Known {
             .keys()
             .chain(self.files.keys())
             .copied()
-            .chain([max_id, ROOT])
+            .chain([ROOT])
             .max()
             .unwrap_or(ROOT);
         plan.floor = top + 1;
@@ -267,7 +268,7 @@ mod tests {
         k.looked_up(11, b"c", 12, 102);
         k.looked_up(ROOT, b"z", 20, 200);
         k.opened(30, file(12));
-        let p = k.plan(25);
+        let p = k.plan();
         assert_eq!(p.floor, 31);
         assert_eq!(p.levels.len(), 3);
         let mut top: Vec<u64> = p.levels[0].iter().map(|r| r.node).collect();
@@ -291,7 +292,7 @@ mod tests {
         assert_eq!(k.len(), (0, 0));
         // The name is free for a new node.
         k.looked_up(ROOT, b"a", 11, 101);
-        assert_eq!(k.plan(0).levels[0][0].node, 11);
+        assert_eq!(k.plan().levels[0][0].node, 11);
     }
 
     #[test]
@@ -303,7 +304,7 @@ mod tests {
         k.looked_up(ROOT, b"old", 13, 103);
         // f moves to the root as "old", replacing node 13.
         k.renamed(10, b"f", ROOT, b"old", false);
-        let p = k.plan(0);
+        let p = k.plan();
         let names: Vec<(u64, u64, Vec<u8>)> = p
             .levels
             .iter()
@@ -315,7 +316,7 @@ mod tests {
         assert_eq!(p.nameless, 1);
         // An exchange swaps both names.
         k.renamed(ROOT, b"old", ROOT, b"g", true);
-        let p = k.plan(0);
+        let p = k.plan();
         let find = |n: u64| {
             p.levels
                 .iter()
@@ -329,7 +330,7 @@ mod tests {
         k.looked_up(10, b"child", 14, 104);
         k.opened(40, file(14));
         k.removed(ROOT, b"dir");
-        let p = k.plan(0);
+        let p = k.plan();
         assert_eq!(p.nameless, 3, "dir, its child and the replaced node");
         assert!(
             p.files.is_empty(),
@@ -345,10 +346,10 @@ mod tests {
         k.looked_up(ROOT, b"a", 10, 100);
         k.looked_up(10, b"..", ROOT, 1);
         k.looked_up(10, b".", 10, 100);
-        let p = k.plan(0);
+        let p = k.plan();
         assert_eq!(p.levels[0][0].nlookup, 2);
         assert_eq!(p.levels[0][0].name, b"a");
         k.opened(50, file(ROOT));
-        assert_eq!(k.plan(0).files.len(), 1, "handles on the root are reopened");
+        assert_eq!(k.plan().files.len(), 1, "handles on the root are reopened");
     }
 }

@@ -641,6 +641,14 @@ impl MountControl {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn set_link(&self, link: Link) {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn set_lost(&self, why: Option<String>) {
         *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
@@ -695,7 +703,7 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
             let started = Instant::now();
             match client.reattach(Arc::new(LinkTransport(link.clone()))).await {
                 Ok(r) => {
-                    *state.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+                    state.set_link(link);
                     state.set_lost(None);
                     state.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
@@ -729,7 +737,7 @@ async fn keep_linked(state: Arc<MountControl>, client: QtfsClient, m: MountArgs)
 
 impl ControlHandler for MountControl {
     fn status(&self) -> DaemonStatus {
-        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lost = self.lost();
         let link = self.link();
         let s = link.stats();
         let peer = PeerStatus {

@@ -324,6 +324,15 @@ fn assume(c: &Creds) -> io::Result<()> {
 
 // ---------------------------------------------------------------- tables
 
+/// The open a reconnecting client's Reopen repeats: checked and run as that request.
+fn reopened_as(node: u64, flags: i32, dir: bool) -> Request {
+    if dir {
+        Request::Opendir { node }
+    } else {
+        Request::Open { node, flags }
+    }
+}
+
 /// Largest node or handle id a reconnecting client may ask for: far above what a connection
 /// allocates, far below where the id counter would wrap (or the client's synthetic inodes).
 const MAX_CLIENT_ID: u64 = 1 << 48;
@@ -643,17 +652,7 @@ impl FsServer {
             }
             Reopen {
                 node, flags, dir, ..
-            } => {
-                let like = if *dir {
-                    Opendir { node: *node }
-                } else {
-                    Open {
-                        node: *node,
-                        flags: *flags,
-                    }
-                };
-                return self.gate(creds, &like);
-            }
+            } => return self.gate(creds, &reopened_as(*node, *flags, *dir)),
             Getattr { node, .. }
             | Readlink { node }
             | Statfs { node }
@@ -1088,11 +1087,7 @@ impl FsServer {
                 if !(2..=MAX_CLIENT_ID).contains(&fh) {
                     return Err(Errno(libc::EINVAL));
                 }
-                let like = if dir {
-                    Opendir { node }
-                } else {
-                    Open { node, flags }
-                };
+                let like = reopened_as(node, flags, dir);
                 let grant = Grant {
                     creds,
                     mount_path: None,
