@@ -459,11 +459,8 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
         .write_to(&mut wr)
         .await
         .map_err(|e| ClientError::Lost(e.to_string()))?;
-    let mut frames = FramedRead::with_capacity(
-        rd,
-        FrameDecoder::new(proto::MAX_FRAME),
-        CHUNK + 2 * HEADER_LEN,
-    );
+    let mut frames =
+        FramedRead::with_capacity(rd, FrameDecoder::new(proto::MAX_FRAME), proto::FIRST_CHUNK);
     let remote_pid = match frames.next().await {
         None => {
             return Err(ClientError::Lost(

@@ -28,6 +28,11 @@ pub const REXEC_PROTO_VERSION: u16 = 1;
 /// Largest stdio payload one data frame carries: big enough that a 1 GiB stream is a few
 /// thousand frames, small enough that a buffer per stream stays cheap.
 pub const CHUNK: usize = 256 * 1024;
+/// Size a stdio buffer starts at: a short-lived program's output fits, and the buffer grows
+/// to [`CHUNK`] on the first read that fills it. Starting at [`CHUNK`] cost every session
+/// about a megabyte of fresh, zeroed memory (three buffers), which a `rexec true` paid for
+/// in page faults and never used.
+pub const FIRST_CHUNK: usize = 16 * 1024;
 /// Unacknowledged stdin bytes a client may have in flight (4 chunks keep the pipe busy).
 pub const STDIN_WINDOW: u64 = 4 * CHUNK as u64;
 /// Largest frame either side accepts: a `Start` with a big environment (Linux ARG_MAX is

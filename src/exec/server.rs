@@ -279,11 +279,8 @@ async fn session(
         authenticate(&mut stream, &peer, unix, &config).await?;
         let (rd, wr) = stream.into_split();
         let writer: Writer = Arc::new(tokio::sync::Mutex::new(wr));
-        let mut frames = FramedRead::with_capacity(
-            rd,
-            FrameDecoder::new(proto::MAX_FRAME),
-            CHUNK + 2 * crate::wire::frame::HEADER_LEN,
-        );
+        let mut frames =
+            FramedRead::with_capacity(rd, FrameDecoder::new(proto::MAX_FRAME), proto::FIRST_CHUNK);
         let first = match tokio::time::timeout(START_TIMEOUT, frames.next()).await {
             Err(_) => return Err(SessionError::Timeout),
             Ok(None) => return Err(SessionError::NoStart),
@@ -668,22 +665,26 @@ async fn drive(
     let mut stdin_tx = Some(stdin_tx);
     let mut status: Option<ExitStatus> = None;
     let mut outputs_done = pumps.is_empty();
+    // End-of-file and Exit frames that became due together go out in one write: a short
+    // program's stdout, stderr and exit usually end at the same moment, and one wake-up of
+    // the client is cheaper than three.
+    let mut due = bytes::BytesMut::new();
     loop {
         if let (Some(st), true) = (status, outputs_done) {
-            Msg::Exit(st).write_to(&mut *writer.lock().await).await?;
+            Msg::Exit(st).to_frame().encode(&mut due);
+            let mut w = writer.lock().await;
+            w.write_all(&due).await?;
             // Let the client read the Exit before we close.
-            let _ = writer.lock().await.flush().await;
+            let _ = w.flush().await;
             return Ok(st);
+        }
+        if !due.is_empty() {
+            let chunk = due.split();
+            writer.lock().await.write_all(&chunk).await?;
         }
         tokio::select! {
             w = child.wait(), if status.is_none() => {
-                let w = w?;
-                use std::os::unix::process::ExitStatusExt;
-                status = Some(match (w.code(), w.signal()) {
-                    (Some(c), _) => ExitStatus::Code(c),
-                    (None, Some(s)) => ExitStatus::Signal(s),
-                    (None, None) => ExitStatus::Code(255),
-                });
+                status = Some(exit_status(w?));
                 if pty_master.is_some() {
                     // A pty's output ends when its last holder exits; a background child of
                     // the program could hold it forever, and the terminal session is over.
@@ -691,10 +692,26 @@ async fn drive(
                 }
             }
             r = pumps.join_next(), if !outputs_done => {
-                if let Some(Err(e)) = r {
-                    tracing::warn!(error = %e, "output pump failed");
+                // Collect every pump that has finished by now, not just the first.
+                let mut ended = r.into_iter().collect::<Vec<_>>();
+                while let Some(r) = pumps.try_join_next() {
+                    ended.push(r);
+                }
+                for r in ended {
+                    match r {
+                        Ok(Ok(data_op)) => eof_for(data_op).to_frame().encode(&mut due),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "output stream ended with an error"),
+                        Err(e) => tracing::warn!(error = %e, "output pump failed"),
+                    }
                 }
                 outputs_done = pumps.is_empty();
+                if outputs_done && status.is_none() {
+                    // The output usually ends because the program exited: take its status
+                    // now if it is there, so the Exit joins the end-of-file frames.
+                    if let Ok(Some(w)) = child.try_wait() {
+                        status = Some(exit_status(w));
+                    }
+                }
             }
             _ = shutdown.cancelled() => {
                 return Err(SessionError::Io(std::io::Error::other("rexec_server is shutting down")));
@@ -739,6 +756,25 @@ async fn drive(
     }
 }
 
+/// The wire form of a wait status.
+fn exit_status(w: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match (w.code(), w.signal()) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(s)) => ExitStatus::Signal(s),
+        (None, None) => ExitStatus::Code(255),
+    }
+}
+
+/// The end-of-file message for an output stream's data op.
+fn eof_for(data_op: u16) -> Msg {
+    if data_op == op::STDOUT {
+        Msg::StdoutEof
+    } else {
+        Msg::StderrEof
+    }
+}
+
 /// Terminal-style signals (INT, QUIT, TSTP) go to the foreground group, as a terminal
 /// would send them; the rest to the program itself, as `kill PID` would.
 fn deliver_signal(pid: u32, signo: i32, pty: Option<&PtyMaster>) {
@@ -760,9 +796,19 @@ fn deliver_signal(pid: u32, signo: i32, pty: Option<&PtyMaster>) {
     }
 }
 
+/// This thread's umask, read from procfs once per thread: nothing in rexec_server changes
+/// a umask (the client's is set in the child), and reading `/proc/thread-self/status` for
+/// every session cost more than the rest of the spawn's preparation.
+fn cached_thread_umask() -> Option<u32> {
+    thread_local! {
+        static UMASK: std::cell::OnceCell<Option<u32>> = const { std::cell::OnceCell::new() };
+    }
+    UMASK.with(|u| *u.get_or_init(crate::fs::thread_umask))
+}
+
 /// True when a child spawned from this thread would already have `umask` and `rlimits`.
 fn inherits(umask: u32, rlimits: &[Rlimit]) -> bool {
-    crate::fs::thread_umask() == Some(umask)
+    cached_thread_umask() == Some(umask)
         && rlimits.iter().all(|r| {
             let mut now = libc::rlimit {
                 rlim_cur: 0,
@@ -795,16 +841,18 @@ async fn kill_group(child: &mut tokio::process::Child, pid: u32, grace: Duration
     let _ = child.wait().await;
 }
 
-/// Copies one output stream to the client in data frames until end of file or `stop`.
+/// Copies one output stream to the client in data frames until end of file or `stop`, and
+/// returns `data_op`: the session then sends the stream's end of file, together with
+/// whatever else ended at the same moment.
 async fn pump<R: AsyncRead + Unpin>(
     mut src: R,
     data_op: u16,
     writer: Writer,
     counter: Arc<AtomicU64>,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<u16> {
     const H: usize = crate::wire::frame::HEADER_LEN;
-    let mut buf = vec![0u8; H + CHUNK];
+    let mut buf = vec![0u8; H + proto::FIRST_CHUNK];
     loop {
         let n = tokio::select! {
             _ = stop.cancelled() => break,
@@ -814,14 +862,9 @@ async fn pump<R: AsyncRead + Unpin>(
             break;
         }
         send_output(&writer, &mut buf, data_op, n, &counter).await?;
+        grow_if_filled(&mut buf, n);
     }
-    drop(src);
-    let eof = if data_op == op::STDOUT {
-        Msg::StdoutEof
-    } else {
-        Msg::StderrEof
-    };
-    eof.write_to(&mut *writer.lock().await).await
+    Ok(data_op)
 }
 
 async fn pump_pty(
@@ -829,9 +872,9 @@ async fn pump_pty(
     writer: Writer,
     counter: Arc<AtomicU64>,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<u16> {
     const H: usize = crate::wire::frame::HEADER_LEN;
-    let mut buf = vec![0u8; H + CHUNK];
+    let mut buf = vec![0u8; H + proto::FIRST_CHUNK];
     loop {
         let n = tokio::select! {
             // After the program exits, drain what is already buffered, then stop.
@@ -845,8 +888,18 @@ async fn pump_pty(
             break;
         }
         send_output(&writer, &mut buf, op::STDOUT, n, &counter).await?;
+        grow_if_filled(&mut buf, n);
     }
-    Msg::StdoutEof.write_to(&mut *writer.lock().await).await
+    Ok(op::STDOUT)
+}
+
+/// Grows an output buffer (header room in front) to a full [`CHUNK`] once a read of `n`
+/// bytes filled it: the program writes in bulk, so fewer, larger frames pay off.
+fn grow_if_filled(buf: &mut Vec<u8>, n: usize) {
+    const H: usize = crate::wire::frame::HEADER_LEN;
+    if n == buf.len() - H && buf.len() < H + CHUNK {
+        buf.resize(H + CHUNK, 0);
+    }
 }
 
 /// Sends `buf[HEADER_LEN..HEADER_LEN + n]` as one data frame of `data_op`, writing its header
