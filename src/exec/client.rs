@@ -360,9 +360,12 @@ fn start_message(a: &ClientArgs, tty: bool) -> Start {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
+            // The resource's C type is unsigned in glibc and signed in musl.
+            #[allow(clippy::useless_conversion)]
+            let resource = u32::try_from(r).ok()?;
             // SAFETY: getrlimit writes one rlimit to the valid, exclusive pointer.
             (unsafe { libc::getrlimit(r, &mut lim) } == 0).then_some(Rlimit {
-                resource: r,
+                resource,
                 soft: lim.rlim_cur,
                 hard: lim.rlim_max,
             })

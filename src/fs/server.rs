@@ -1247,8 +1247,10 @@ impl FsServer {
                             flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
                             0,
                         )?;
+                        // f_type is signed in glibc and unsigned in musl.
+                        #[allow(clippy::useless_conversion)]
                         let pseudo = sys::fstatfs(f.as_raw_fd())
-                            .map(|s| is_pseudo_fs(s.f_type))
+                            .map(|s| i64::try_from(s.f_type).is_ok_and(is_pseudo_fs))
                             .unwrap_or(false);
                         Ok((f, pseudo))
                     })
