@@ -438,8 +438,84 @@ enum Ctrl {
 
 /// Output for the writer thread.
 enum Out {
-    Stdout(Bytes),
-    Stderr(Bytes),
+    Stdout(OutBuf),
+    Stderr(OutBuf),
+}
+
+/// Output bytes `buf[..len]`, in a buffer the output thread hands back after writing it.
+struct OutBuf {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// One frame from the server: program output read into a pooled buffer, or any other message.
+enum Incoming {
+    Output(Out),
+    Msg(Msg),
+}
+
+/// Reads the server's frames. Output payloads are read straight into buffers the output
+/// thread returns once it has written them, so a long stream reuses a handful of buffers.
+/// A codec that splits frames off a shared read buffer needs a fresh buffer per frame while
+/// earlier ones are still being written out, and musl's allocator answers each of those
+/// 256 KiB allocations with mmap, page faults and munmap.
+struct FrameReader<R> {
+    rd: tokio::io::BufReader<R>,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    fn new(rd: R, pool: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        FrameReader {
+            rd: tokio::io::BufReader::with_capacity(64 * 1024, rd),
+            pool,
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the server closed the connection between frames.
+    async fn next(&mut self) -> Result<Option<Incoming>, String> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; HEADER_LEN];
+        // A clean close leaves nothing unread; a close inside a header is a truncated frame.
+        let n = self.rd.read(&mut head).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.rd
+            .read_exact(&mut head[n..])
+            .await
+            .map_err(|e| format!("reading a frame header: {e}"))?;
+        let h = crate::wire::frame::Header::decode(&head, proto::MAX_FRAME)
+            .map_err(|e| e.to_string())?;
+        let len = h.len as usize;
+        let output = h.kind == crate::wire::frame::Kind::Request
+            && (h.op == op::STDOUT || h.op == op::STDERR);
+        let mut buf = if output {
+            self.pool.try_recv().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        self.rd
+            .read_exact(&mut buf[..len])
+            .await
+            .map_err(|e| format!("reading a frame of {len} bytes: {e}"))?;
+        if output {
+            let out = OutBuf { buf, len };
+            return Ok(Some(Incoming::Output(if h.op == op::STDOUT {
+                Out::Stdout(out)
+            } else {
+                Out::Stderr(out)
+            })));
+        }
+        buf.truncate(len);
+        let frame = crate::wire::frame::Frame::new(h.kind, h.op, h.id, Bytes::from(buf));
+        Msg::from_frame(frame)
+            .map(|m| Some(Incoming::Msg(m)))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// One stdin read: a buffer with `HEADER_LEN` bytes of room in front, and its fill.
@@ -455,31 +531,36 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
     // The output thread starts while we connect: it has no side effects until data arrives.
     let (ctrl_tx, mut ctrl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctrl>();
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Out>(4);
-    let output_done = spawn_output_thread(out_rx, ctrl_tx.clone());
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let output_done = spawn_output_thread(out_rx, pool_tx, ctrl_tx.clone());
     let stream = connect(a).await?;
     let (rd, mut wr) = stream.into_split();
     Msg::Start(Box::new(start))
         .write_to(&mut wr)
         .await
         .map_err(|e| ClientError::Lost(e.to_string()))?;
-    let mut frames =
-        FramedRead::with_capacity(rd, FrameDecoder::new(proto::MAX_FRAME), proto::FIRST_CHUNK);
+    let mut frames = FrameReader::new(rd, pool_rx);
     let remote_pid = match frames.next().await {
-        None => {
+        Ok(None) => {
             return Err(ClientError::Lost(
                 "closed before the program started".into(),
             ))
         }
-        Some(Err(e)) => return Err(ClientError::Lost(e.to_string())),
-        Some(Ok(f)) => match Msg::from_frame(f)? {
-            Msg::Started { pid } => pid,
-            Msg::Error { errno, message } => return Err(ClientError::Remote { errno, message }),
-            other => {
-                return Err(ClientError::Lost(format!(
-                    "unexpected first answer {other:?}"
-                )))
-            }
-        },
+        Err(e) => return Err(ClientError::Lost(e)),
+        Ok(Some(Incoming::Msg(Msg::Started { pid }))) => pid,
+        Ok(Some(Incoming::Msg(Msg::Error { errno, message }))) => {
+            return Err(ClientError::Remote { errno, message })
+        }
+        Ok(Some(Incoming::Msg(other))) => {
+            return Err(ClientError::Lost(format!(
+                "unexpected first answer {other:?}"
+            )))
+        }
+        Ok(Some(Incoming::Output(_))) => {
+            return Err(ClientError::Lost(
+                "output before the program started".into(),
+            ))
+        }
     };
     tracing::debug!(remote_pid, tty, "remote program started");
     let pidfile = PidFile::create(remote_pid);
@@ -504,29 +585,21 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
         let ctrl = reader_ctrl;
         loop {
             let msg = match frames.next().await {
-                None => {
+                Ok(None) => {
                     let _ = ctrl.send(Ctrl::Lost("the server closed the connection".into()));
                     return;
                 }
-                Some(Err(e)) => {
-                    let _ = ctrl.send(Ctrl::Lost(e.to_string()));
+                Err(e) => {
+                    let _ = ctrl.send(Ctrl::Lost(e));
                     return;
                 }
-                Some(Ok(f)) => match Msg::from_frame(f) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = ctrl.send(Ctrl::Lost(e.to_string()));
-                        return;
-                    }
-                },
+                Ok(Some(Incoming::Output(out))) => {
+                    let _ = out_tx.send(out).await;
+                    continue;
+                }
+                Ok(Some(Incoming::Msg(m))) => m,
             };
             match msg {
-                Msg::Stdout(b) => {
-                    let _ = out_tx.send(Out::Stdout(b)).await;
-                }
-                Msg::Stderr(b) => {
-                    let _ = out_tx.send(Out::Stderr(b)).await;
-                }
                 Msg::StdinAck(n) => {
                     let _ = ctrl.send(Ctrl::Ack(n));
                 }
@@ -694,6 +767,7 @@ fn stdin_is_empty() -> bool {
 /// so it sees EPIPE/SIGPIPE as it would locally).
 fn spawn_output_thread(
     mut rx: tokio::sync::mpsc::Receiver<Out>,
+    pool: std::sync::mpsc::Sender<Vec<u8>>,
     ctrl: tokio::sync::mpsc::UnboundedSender<Ctrl>,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -702,20 +776,22 @@ fn spawn_output_thread(
         super::grow_pipe(stdout.as_fd());
         let (mut out_ok, mut err_ok) = (true, true);
         while let Some(o) = rx.blocking_recv() {
-            let (fd, data, ok) = match &o {
+            let is_stdout = matches!(o, Out::Stdout(_));
+            let (fd, data, ok) = match o {
                 Out::Stdout(b) => (stdout.as_fd(), b, &mut out_ok),
                 Out::Stderr(b) => (stderr.as_fd(), b, &mut err_ok),
             };
-            if !*ok {
-                continue;
-            }
-            if let Err(e) = write_all_fd(fd, data) {
-                *ok = false;
-                if matches!(o, Out::Stdout(_)) {
-                    tracing::debug!(error = %e, "stdout closed");
-                    let _ = ctrl.send(Ctrl::StdoutClosed);
+            if *ok {
+                if let Err(e) = write_all_fd(fd, &data.buf[..data.len]) {
+                    *ok = false;
+                    if is_stdout {
+                        tracing::debug!(error = %e, "stdout closed");
+                        let _ = ctrl.send(Ctrl::StdoutClosed);
+                    }
                 }
             }
+            // Back to the reader for the next frame; after the reader has gone it is dropped.
+            let _ = pool.send(data.buf);
         }
         let _ = done_tx.send(());
     };
@@ -804,6 +880,78 @@ pub fn parse_signal(s: &str) -> Result<i32, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wire(msgs: &[Msg]) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        for m in msgs {
+            m.to_frame().encode(&mut b);
+        }
+        b.to_vec()
+    }
+
+    fn output(i: Option<Incoming>) -> (bool, Vec<u8>, usize) {
+        match i {
+            Some(Incoming::Output(Out::Stdout(o))) => (true, o.buf[..o.len].to_vec(), o.buf.len()),
+            Some(Incoming::Output(Out::Stderr(o))) => (false, o.buf[..o.len].to_vec(), o.buf.len()),
+            _ => panic!("expected output"),
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_reuses_returned_buffers_and_reads_every_message() {
+        let big = vec![7u8; 300 * 1024];
+        let bytes = wire(&[
+            Msg::Started { pid: 42 },
+            Msg::Stdout(Bytes::from(big.clone())),
+            Msg::Stderr(Bytes::from_static(b"oops")),
+            Msg::StdoutEof,
+            Msg::Exit(ExitStatus::Code(3)),
+        ]);
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel();
+        let mut r = FrameReader::new(&bytes[..], pool_rx);
+        assert!(matches!(
+            r.next().await.unwrap(),
+            Some(Incoming::Msg(Msg::Started { pid: 42 }))
+        ));
+        let (is_out, data, _) = output(r.next().await.unwrap());
+        assert!(is_out);
+        assert_eq!(data, big);
+        // A returned buffer is used again, keeping its size; only `len` bytes are output.
+        pool_tx.send(vec![1u8; 512 * 1024]).unwrap();
+        let (is_out, data, cap) = output(r.next().await.unwrap());
+        assert!(!is_out);
+        assert_eq!(data, b"oops");
+        assert_eq!(cap, 512 * 1024);
+        assert!(matches!(
+            r.next().await.unwrap(),
+            Some(Incoming::Msg(Msg::StdoutEof))
+        ));
+        assert!(matches!(
+            r.next().await.unwrap(),
+            Some(Incoming::Msg(Msg::Exit(ExitStatus::Code(3))))
+        ));
+        assert!(
+            r.next().await.unwrap().is_none(),
+            "a clean close is the end"
+        );
+    }
+
+    #[tokio::test]
+    async fn frame_reader_reports_truncated_and_malformed_frames() {
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let bytes = wire(&[Msg::Stdout(Bytes::from_static(b"hello world"))]);
+        // Cut inside the header and inside the payload: errors, not a clean end.
+        for cut in [5, HEADER_LEN + 3] {
+            let (_tx, rx) = std::sync::mpsc::channel();
+            let mut r = FrameReader::new(&bytes[..cut], rx);
+            assert!(r.next().await.is_err(), "cut at {cut}");
+        }
+        // A length beyond the frame limit is refused before anything is allocated.
+        let mut huge = data_header(op::STDOUT, 0);
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut r = FrameReader::new(&huge[..], rx);
+        assert!(r.next().await.is_err());
+    }
 
     #[test]
     fn signal_names() {
