@@ -714,9 +714,14 @@ impl QtfsClient {
     where
         F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
     {
-        let op = req.op();
-        let retry = retryable(&req);
-        let payload = req.encode(&creds);
+        self.call_encoded(req.op(), req.encode(&creds), retryable(&req), done);
+    }
+
+    /// [`QtfsClient::call`] for a request already encoded as `op` and `payload`.
+    fn call_encoded<F>(&self, op: u16, payload: Bytes, retry: Retry, done: F)
+    where
+        F: FnOnce(&QtfsClient, Result<Response, i32>) + Send + 'static,
+    {
         let me = self.clone();
         let started = Instant::now();
         let answer: super::FsDone = Box::new(move |r| {
@@ -1425,12 +1430,10 @@ impl Filesystem for QtfsClient {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = Request::Write {
-            fh: fh.0,
-            offset,
-            data: Bytes::copy_from_slice(data),
-        };
-        self.call(r, no_creds(), |_, r| match r {
+        // Encoded straight from the kernel's buffer: one copy of up to 1 MiB, not two.
+        let payload = Request::encode_write(&no_creds(), fh.0, offset, data);
+        let retry = Retry::UnlessAppending(fh.0);
+        self.call_encoded(proto::op::WRITE, payload, retry, |_, r| match r {
             Ok(Response::Count(n)) => reply.written(n as u32),
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
