@@ -9,9 +9,10 @@
 #     glibc's dynamic loader probes the CPU's caches with CPUID instructions, and each one traps
 #     to the hypervisor. `rexec` starts once per command, so a static `rexec true` takes about
 #     2.2 ms instead of 2.9 ms there. On bare metal the difference is much smaller.
-#   - musl's allocator maps and unmaps every buffer over 128 KiB, so bulk qtfs writes with
-#     `-o writeback` were about 15% slower through a static mount client in the same
-#     measurements; the other figures did not move beyond noise.
+#   - musl's allocator maps and unmaps every buffer over 128 KiB. The bulk paths reuse or
+#     avoid their large buffers, and what is left costs bulk qtfs writes through a static
+#     mount client or engine 5 to 10% in quick A/Bs; the other figures did not move beyond
+#     noise (docs/performance.md, run 7).
 #
 # Usage: scripts/build-static.sh            (prints target/x86_64-unknown-linux-musl/release/dpuctl)
 #        sudo "$(scripts/build-static.sh)" install
