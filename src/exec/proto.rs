@@ -28,10 +28,9 @@ pub const REXEC_PROTO_VERSION: u16 = 1;
 /// Largest stdio payload one data frame carries: big enough that a 1 GiB stream is a few
 /// thousand frames, small enough that a buffer per stream stays cheap.
 pub const CHUNK: usize = 256 * 1024;
-/// Size a stdio buffer starts at: a short-lived program's output fits, and the buffer grows
-/// to [`CHUNK`] on the first read that fills it. Starting at [`CHUNK`] cost every session
-/// about a megabyte of fresh, zeroed memory (three buffers), which a `rexec true` paid for
-/// in page faults and never used.
+/// Size an output buffer starts at: a short-lived program's output fits, and the buffer
+/// grows to [`CHUNK`] on the first read that fills it. Zeroed at full size, the two output
+/// buffers cost every session half a megabyte of page faults that a `rexec true` never used.
 pub const FIRST_CHUNK: usize = 16 * 1024;
 /// Unacknowledged stdin bytes a client may have in flight (4 chunks keep the pipe busy).
 pub const STDIN_WINDOW: u64 = 4 * CHUNK as u64;
