@@ -257,6 +257,39 @@ fn server_that_answers_and_closes_early_loses_no_answer() {
     }
 }
 
+/// Out-of-band bytes (`send(MSG_OOB)`) in the middle of a stream: they arrive in line, and
+/// what follows them arrives too, without waiting for more bytes to come (a read stops
+/// short at the out-of-band mark, which must not be taken for an emptied socket).
+#[test]
+fn out_of_band_bytes_arrive_in_line_and_stall_nothing() {
+    require_namespaces!();
+    let p = start_pair();
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
+    for round in 0..20 {
+        let fd = connect(&p, SockType::Stream, "/run/allowed/echo.sock").expect("connect");
+        let mut c = UnixStream::from(fd);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let send = |data: &[u8], flags: i32| {
+            // SAFETY: sends from a valid buffer of data.len() bytes on an open socket.
+            let n = unsafe { libc::send(c.as_raw_fd(), data.as_ptr().cast(), data.len(), flags) };
+            assert_eq!(
+                n,
+                data.len() as isize,
+                "send: {}",
+                std::io::Error::last_os_error()
+            );
+        };
+        send(b"abc", 0);
+        send(b"X", libc::MSG_OOB);
+        send(b"def", 0);
+        let mut got = [0u8; 7];
+        c.read_exact(&mut got).unwrap_or_else(|e| {
+            panic!("round {round}: the bytes after the out-of-band one did not arrive: {e}")
+        });
+        assert_eq!(&got, b"abcXdef", "round {round}");
+    }
+}
+
 #[test]
 fn dgram_and_seqpacket_keep_message_boundaries() {
     require_namespaces!();

@@ -764,6 +764,85 @@ fn fd_refused(kind: SockType) -> RemoteError {
     )
 }
 
+/// The local end of a proxied stream connection, registered with the runtime for priority
+/// (out-of-band) events as well as reads and writes, so a read can tell when it has emptied
+/// the socket (see [`LocalStream::recv`]).
+struct LocalStream(AsyncFd<OwnedFd>);
+
+impl LocalStream {
+    fn new(sock: UnixStream) -> io::Result<LocalStream> {
+        let fd = OwnedFd::from(sock.into_std()?);
+        // Out-of-band bytes stay in line, so they are carried like any other byte instead
+        // of being dropped by our reads (the far side cannot mark them urgent again).
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::OobInline, &true)
+            .map_err(io::Error::from)?;
+        let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
+        // SAFETY: as in `async_fd`: the AsyncFd owns the descriptor from here on.
+        Ok(LocalStream(unsafe {
+            AsyncFd::register_with_interest(fd, interest)
+        }?))
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Reads what is queued into the spare capacity of `buf`, waiting until something is.
+    ///
+    /// A read that returns less than it had room for, with no descriptors, has emptied the
+    /// socket: the kernel reads a stream socket's queue until the buffer is full, the queue
+    /// is empty or a message carrying descriptors has been taken. The readiness is then
+    /// cleared at once, which saves the read that would only have found nothing (one system
+    /// call per message, on the path of every proxied request). The exception is
+    /// out-of-band data (`MSG_OOB`, read in line here): a read stops short at its mark
+    /// with bytes behind it. The socket reports pending out-of-band data as a priority
+    /// event, and once one has been seen (`oob_seen`) this connection clears readiness
+    /// only when a read finds nothing. Bytes that arrive after the read raise a new event
+    /// either way.
+    async fn recv(&self, buf: &mut BytesMut, oob_seen: &mut bool) -> io::Result<Received> {
+        loop {
+            let mut guard = if *oob_seen {
+                self.0.readable().await?
+            } else {
+                self.0
+                    .ready(Interest::READABLE | Interest::PRIORITY)
+                    .await?
+            };
+            if guard.ready().is_priority() {
+                *oob_seen = true;
+            }
+            let room = buf.capacity() - buf.len();
+            match recv_into(self.as_raw_fd(), buf) {
+                Ok(rcv) => {
+                    if !*oob_seen && rcv.n > 0 && rcv.n < room && rcv.fds.is_empty() && !rcv.ctrunc
+                    {
+                        guard.clear_ready_matching(tokio::io::Ready::READABLE);
+                    }
+                    return Ok(rcv);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready_matching(tokio::io::Ready::READABLE);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One `sendmsg` of `iov` if the socket may take it, else WouldBlock.
+    fn try_write_vectored(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_io(Interest::WRITABLE, |fd| {
+            nix::sys::socket::sendmsg::<()>(
+                fd.as_raw_fd(),
+                iov,
+                &[],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(io::Error::from)
+        })
+    }
+}
+
 async fn pump_stream(
     sock: UnixStream,
     mut r: StreamReader,
@@ -772,6 +851,14 @@ async fn pump_stream(
     fd: FdCtx,
     inbox: Option<&Inbox>,
 ) -> Result<(), RemoteError> {
+    let sock = match LocalStream::new(sock) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = RemoteError::from(e);
+            w.reset(e.clone());
+            return Err(e);
+        }
+    };
     let stop = CancellationToken::new();
     let (up, down) = {
         let up = stream_up(&sock, &mut w, conn, &fd);
@@ -850,7 +937,7 @@ fn finish(
 }
 
 async fn stream_up(
-    sock: &UnixStream,
+    sock: &LocalStream,
     w: &mut StreamWriter,
     conn: &ConnGuard,
     fd: &FdCtx,
@@ -858,14 +945,13 @@ async fn stream_up(
     let mut buf = BytesMut::with_capacity(BUF);
     // Bytes sent so far: the offset an attach names.
     let mut sent: u64 = 0;
+    let mut oob_seen = false;
     loop {
         if buf.capacity() - buf.len() < BUF / 4 {
             // Reclaims the same allocation once the frames sent from it are written.
             buf.reserve(BUF);
         }
-        sock.readable().await?;
-        let got = sock.try_io(Interest::READABLE, || recv_into(sock.as_raw_fd(), &mut buf));
-        match got {
+        match sock.recv(&mut buf, &mut oob_seen).await {
             Ok(rcv) if rcv.n == 0 && rcv.fds.is_empty() && !rcv.ctrunc => {
                 w.finish().await?;
                 return Ok(());
@@ -879,7 +965,6 @@ async fn stream_up(
                 sent += rcv.n as u64;
                 w.send(buf.split().freeze()).await?;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             // Linux reports ECONNRESET once the queued bytes are read when the local side
             // closed with unread data (see stream_down): it is gone, and everything it wrote
             // was read, so the far side gets a clean end of file.
@@ -915,7 +1000,7 @@ fn local_write(e: io::Error) -> DownError {
 }
 
 async fn stream_down(
-    sock: &UnixStream,
+    sock: &LocalStream,
     r: &mut StreamReader,
     conn: &ConnGuard,
     inbox: Option<&Inbox>,
@@ -937,7 +1022,7 @@ async fn stream_down(
 }
 
 async fn deliver_down(
-    sock: &UnixStream,
+    sock: &LocalStream,
     r: &mut StreamReader,
     conn: &ConnGuard,
     inbox: Option<&Inbox>,
@@ -1054,17 +1139,17 @@ fn take_prefix(pending: &mut VecDeque<Bytes>, n: usize) -> VecDeque<Bytes> {
 /// Writes `data` with `fds` attached (SCM_RIGHTS) to its first byte's `sendmsg`, the rest
 /// (if the socket took only part) plainly.
 async fn send_with_fds(
-    sock: &UnixStream,
+    sock: &LocalStream,
     data: Bytes,
     fds: &[OwnedFd],
     conn: &ConnGuard,
 ) -> io::Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let sent = loop {
-        sock.writable().await?;
-        let r = sock.try_io(Interest::WRITABLE, || {
+        let mut guard = sock.0.writable().await?;
+        let r = guard.try_io(|fd| {
             nix::sys::socket::sendmsg::<()>(
-                sock.as_raw_fd(),
+                fd.as_raw_fd(),
                 &[IoSlice::new(&data)],
                 &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
                 nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
@@ -1073,9 +1158,9 @@ async fn send_with_fds(
             .map_err(io::Error::from)
         });
         match r {
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Ok(Ok(n)) => break n,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
         }
     };
     conn.wrote_local(sent);
@@ -1087,7 +1172,7 @@ async fn send_with_fds(
 }
 
 async fn write_all_vectored(
-    sock: &UnixStream,
+    sock: &LocalStream,
     pending: &mut VecDeque<Bytes>,
     conn: &ConnGuard,
 ) -> io::Result<()> {
@@ -1107,7 +1192,7 @@ async fn write_all_vectored(
         let written = match sock.try_write_vectored(&iov[..k]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                sock.writable().await?;
+                sock.0.writable().await?.retain_ready();
                 continue;
             }
             Err(e) => return Err(e),
