@@ -172,18 +172,22 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             run(&a).await
         }
     });
-    match r {
-        Ok(code) => ExitCode::from(code),
+    let code = match r {
+        Ok(code) => code,
         Err(e) => {
             tracing::debug!(error = ?e, "rexec failed");
             eprintln!("rexec: {e}");
-            ExitCode::from(if kill_mode && matches!(e, ClientError::Remote { .. }) {
+            if kill_mode && matches!(e, ClientError::Remote { .. }) {
                 1
             } else {
                 e.exit_code()
-            })
+            }
         }
-    }
+    };
+    // Everything is done: the output is written, the terminal restored, the pid file gone.
+    // Exiting here skips tearing the runtime down, which would only touch code and data
+    // that nothing needs any more.
+    std::process::exit(code.into())
 }
 
 /// `REXEC_LOG_FILE=std` logs to stderr, any other value appends to that file; unset: silent.
