@@ -859,11 +859,10 @@ async fn pump_stream(
             return Err(e);
         }
     };
-    let stop = CancellationToken::new();
     let (up, down) = {
         let up = stream_up(&sock, &mut w, conn, &fd);
         let down = stream_down(&sock, &mut r, conn, inbox);
-        join_both(&stop, up, down).await
+        join_both(up, down, false).await
     };
     finish(w, up, down)
 }
@@ -875,47 +874,34 @@ async fn pump_packets(
     mut w: StreamWriter,
     conn: &ConnGuard,
 ) -> Result<(), RemoteError> {
-    let stop = CancellationToken::new();
     let (up, down) = {
         let up = packet_up(&fd, kind, &mut w, conn);
-        let down = async {
-            packet_down(&fd, kind, &mut r, conn).await?;
-            if kind == SockType::Dgram {
-                // A datagram socket has no end of its own: the far side's fin ends it.
-                stop.cancel();
-            }
-            Ok(())
-        };
-        join_both(&stop, up, down).await
+        let down = packet_down(&fd, kind, &mut r, conn);
+        // A datagram socket has no end of its own: the far side's fin ends it.
+        join_both(up, down, kind == SockType::Dgram).await
     };
     finish(w, up, down)
 }
 
-/// Runs both directions; an error in one cancels the other.
+/// Runs both directions until both have ended. An error in one ends the other at once (it
+/// is dropped, and counts as a clean end), and so does a clean end of `down` when
+/// `down_ends_both`. No cancellation token: polling one costs a lock, on every wake-up of
+/// every proxied connection.
 async fn join_both<U, D>(
-    stop: &CancellationToken,
     up: U,
     down: D,
+    down_ends_both: bool,
 ) -> (Result<(), RemoteError>, Result<(), RemoteError>)
 where
     U: std::future::Future<Output = Result<(), RemoteError>>,
     D: std::future::Future<Output = Result<(), RemoteError>>,
 {
-    tokio::join!(guarded(stop, up), guarded(stop, down))
-}
-
-async fn guarded<F>(stop: &CancellationToken, f: F) -> Result<(), RemoteError>
-where
-    F: std::future::Future<Output = Result<(), RemoteError>>,
-{
-    tokio::select! {
-        _ = stop.cancelled() => Ok(()),
-        r = f => {
-            if r.is_err() {
-                stop.cancel();
-            }
-            r
-        }
+    use futures::future::{select, Either};
+    match select(std::pin::pin!(up), std::pin::pin!(down)).await {
+        Either::Left((up, _)) if up.is_err() => (up, Ok(())),
+        Either::Left((up, down)) => (up, down.await),
+        Either::Right((down, _)) if down.is_err() || down_ends_both => (Ok(()), down),
+        Either::Right((down, up)) => (up.await, down),
     }
 }
 
