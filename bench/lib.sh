@@ -1,8 +1,24 @@
 # Shared by the bench scripts (sourced, not run).
 
-# A free TCP port on 127.0.0.1.
+# A free TCP port on 127.0.0.1 below the kernel's ephemeral range, so that no outgoing
+# connection takes it as a source port before the daemon it is meant for binds it.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(10000, max(low, 11000)), 200):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+else:
+    raise SystemExit("no free port on 127.0.0.1")
+PY
 }
 
 # start_uds_pair SETUP — a HOST and a DPU on one box, linked by udsproxyd:

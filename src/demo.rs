@@ -331,8 +331,7 @@ fn mkdir(path: &Path) -> Result<(), DemoError> {
 }
 
 fn free_port() -> Result<u16, DemoError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(DemoError::Port)?;
-    Ok(l.local_addr().map_err(DemoError::Port)?.port())
+    crate::wire::spare_loopback_port().map_err(DemoError::Port)
 }
 
 /// True when `dpuctl <tool> --help` succeeds, i.e. this build has the tool.

@@ -250,6 +250,50 @@ impl fmt::Display for Addr {
     }
 }
 
+/// A TCP port on 127.0.0.1 that is free now and lies below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), for a caller that must name a port before the daemon that
+/// will listen on it starts: the demo and the tests.
+///
+/// Binding port 0 and releasing it is not enough there: the port it yields is an ephemeral one,
+/// and the very next outgoing connection on the box (a peer dialling its partner) may take it
+/// as its source port before the daemon binds it. Ports below the ephemeral range are never
+/// handed out that way. Each call in a process tries a different port, starting from a point
+/// drawn from the pid and the clock so that concurrent processes rarely meet.
+pub fn spare_loopback_port() -> io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FLOOR: u32 = 10_000;
+
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low < FLOOR + 1_000 {
+        // An unusual range leaves no room below it: fall back to the kernel's choice.
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        return Ok(l.local_addr()?.port());
+    }
+    let span = ephemeral_low - FLOOR;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    for _ in 0..1_024 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let Ok(port) = u16::try_from(FLOOR + start.wrapping_add(n) % span) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no free port on 127.0.0.1 between {FLOOR} and {ephemeral_low}"),
+    ))
+}
+
 impl Addr {
     /// The original tools' positional form: `addr` is an IP address (TCP) or a decimal CID
     /// (vsock), `port` the port number.
@@ -810,6 +854,28 @@ mod tests {
         let (_s, peer) = accepted.unwrap();
         assert!(peer.starts_with("tcp://127.0.0.1:"), "{peer}");
         assert!(matches!(client.unwrap(), Stream::Tcp(_)));
+    }
+
+    #[test]
+    fn spare_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..20).map(|_| spare_loopback_port().unwrap()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+        for port in ports {
+            if low >= 11_000 {
+                assert!((10_000..low).contains(&port), "{port} not below {low}");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 
     #[tokio::test]

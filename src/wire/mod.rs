@@ -19,7 +19,7 @@ pub mod handshake;
 pub mod key;
 pub mod link;
 
-pub use addr::{Addr, AddrError, Listener, Stream};
+pub use addr::{spare_loopback_port, Addr, AddrError, Listener, Stream};
 pub use handshake::{Auth, HandshakeError, Hello, PeerInfo, Role, PROTOCOL_VERSION};
 pub use key::{KeyError, Psk, DEFAULT_KEY_PATH};
 pub use link::{

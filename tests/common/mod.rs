@@ -56,10 +56,10 @@ macro_rules! require_namespaces {
     };
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A free TCP port on 127.0.0.1 that no outgoing connection can take before a daemon binds it
+/// (see [`dpuctl::wire::spare_loopback_port`]).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    dpuctl::wire::spare_loopback_port().expect("a free port on 127.0.0.1")
 }
 
 /// A scratch directory with a key and a whitelist.
