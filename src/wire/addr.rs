@@ -250,38 +250,37 @@ impl fmt::Display for Addr {
     }
 }
 
-/// A TCP port on 127.0.0.1 that is free now and lies below the kernel's ephemeral range
+/// A TCP port on 127.0.0.1 that is free now and lies outside the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`), for a caller that must name a port before the daemon that
 /// will listen on it starts: the demo and the tests.
 ///
 /// Binding port 0 and releasing it is not enough there: the port it yields is an ephemeral one,
 /// and the very next outgoing connection on the box (a peer dialling its partner) may take it
-/// as its source port before the daemon binds it. Ports below the ephemeral range are never
-/// handed out that way. Each call in a process tries a different port, starting from a point
-/// drawn from the pid and the clock so that concurrent processes rarely meet.
+/// as its source port before the daemon binds it. Ports outside the ephemeral range are never
+/// handed out that way. Calls in one process never repeat a port (they walk the window from a
+/// starting point drawn once from the pid and the clock, so that concurrent processes rarely
+/// meet); only when the range leaves no window of 1,000 ports does this fall back to port 0.
 pub fn spare_loopback_port() -> io::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    const FLOOR: u32 = 10_000;
+    static START: OnceLock<u32> = OnceLock::new();
 
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    if ephemeral_low < FLOOR + 1_000 {
-        // An unusual range leaves no room below it: fall back to the kernel's choice.
+    let Some((lo, hi)) = spare_port_window() else {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         return Ok(l.local_addr()?.port());
-    }
-    let span = ephemeral_low - FLOOR;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let start = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    };
+    let span = hi - lo;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        std::process::id().wrapping_mul(2_654_435_761) ^ nanos
+    });
     for _ in 0..1_024 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let Ok(port) = u16::try_from(FLOOR + start.wrapping_add(n) % span) else {
+        let Ok(port) = u16::try_from(lo + start.wrapping_add(n) % span) else {
             continue;
         };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -290,8 +289,27 @@ pub fn spare_loopback_port() -> io::Result<u16> {
     }
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
-        format!("no free port on 127.0.0.1 between {FLOOR} and {ephemeral_low}"),
+        format!("no free port on 127.0.0.1 between {lo} and {hi}"),
     ))
+}
+
+/// The ports [`spare_loopback_port`] picks from: 10000 up to the ephemeral range, or above it
+/// when it starts too low; None when neither leaves 1,000 ports.
+fn spare_port_window() -> Option<(u32, u32)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = range
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .map(|w| w.parse::<u32>().ok());
+    let low = bounds.next().flatten().unwrap_or(32_768);
+    let high = bounds.next().flatten().unwrap_or(60_999);
+    if low >= 11_000 {
+        Some((10_000, low))
+    } else if high <= 64_535 {
+        Some((high + 1, 65_536))
+    } else {
+        None
+    }
 }
 
 impl Addr {
@@ -857,22 +875,24 @@ mod tests {
     }
 
     #[test]
-    fn spare_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
+    fn spare_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let bounds: Vec<u32> = range
             .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let ports: Vec<u16> = (0..20).map(|_| spare_loopback_port().unwrap()).collect();
+            .map(|w| w.parse().unwrap())
+            .collect();
+        let ephemeral = bounds[0]..=bounds[1];
+        let window = spare_port_window();
+        let ports: Vec<u16> = (0..200).map(|_| spare_loopback_port().unwrap()).collect();
         let mut unique = ports.clone();
         unique.sort_unstable();
         unique.dedup();
-        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+        assert_eq!(unique.len(), ports.len(), "a port came twice: {ports:?}");
         for port in ports {
-            if low >= 11_000 {
-                assert!((10_000..low).contains(&port), "{port} not below {low}");
+            let p = u32::from(port);
+            if let Some((lo, hi)) = window {
+                assert!((lo..hi).contains(&p), "{port} outside {lo}..{hi}");
+                assert!(!ephemeral.contains(&p), "{port} is ephemeral ({range})");
             }
             std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         }
