@@ -652,6 +652,7 @@ fn allowlist_denials_are_eacces() {
                 .with(ListType::Write, p.join("allowed"))
                 .with(ListType::Mkdir, p.join("allowed"))
                 .with(ListType::Unlink, p.join("allowed"))
+                .with(ListType::Setattr, p.join("attrs"))
         },
         ClientOptions::default(),
         |t| t,
@@ -681,6 +682,80 @@ fn allowlist_denials_are_eacces() {
     // Types without entries do not restrict (as the original): reading is fine.
     assert_eq!(fs::read(fx.mnt().join("other/f")).unwrap(), b"x");
     fs::create_dir(fx.mnt().join("allowed/d")).unwrap();
+    // Cutting a file is a change of its size, setattr (allowed only under "attrs"), also
+    // when an open with O_TRUNC asks for it: that open fails and the file keeps its bytes.
+    assert_eq!(
+        code(fs::write(fx.mnt().join("allowed/f"), b"2")),
+        libc::EACCES
+    );
+    assert_eq!(fs::read(fx.export().join("allowed/f")).unwrap(), b"ok");
+    let f = OpenOptions::new()
+        .append(true)
+        .open(fx.mnt().join("allowed/f"))
+        .unwrap();
+    assert_eq!(code(f.set_len(0)), libc::EACCES);
+    drop(f);
+    fs::create_dir(fx.export().join("attrs")).unwrap();
+    fs::write(fx.export().join("attrs/g"), b"long").unwrap();
+    assert_eq!(
+        code(fs::set_permissions(
+            fx.mnt().join("attrs/g"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        0
+    );
+    assert_eq!(
+        code(fs::set_permissions(
+            fx.mnt().join("allowed/f"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        libc::EACCES
+    );
+}
+
+/// open(O_TRUNC) of a program that is running from the mount fails with ETXTBSY, as on a
+/// local file system, and cuts nothing: the HOST file keeps every byte and the program keeps
+/// running. (With FUSE's atomic O_TRUNC the engine emptied the file before the kernel
+/// refused the open, and the program crashed on its next page fault.)
+#[test]
+fn truncating_a_running_program_is_refused_and_cuts_nothing() {
+    let Some(fx) = setup() else { return };
+    let program = fx.mnt().join("sleeper");
+    fs::copy("/bin/sleep", &program).unwrap();
+    fs::set_permissions(&program, fs::Permissions::from_mode(0o755)).unwrap();
+    let size = fs::metadata("/bin/sleep").unwrap().len();
+    let mut child = std::process::Command::new(&program)
+        .arg("30")
+        .spawn()
+        .unwrap();
+    for (what, flags) in [
+        ("O_RDONLY|O_TRUNC", libc::O_RDONLY | libc::O_TRUNC),
+        ("O_WRONLY|O_TRUNC", libc::O_WRONLY | libc::O_TRUNC),
+        ("O_RDWR", libc::O_RDWR),
+    ] {
+        let r = OpenOptions::new()
+            .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+            .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .custom_flags(flags & libc::O_TRUNC)
+            .open(&program);
+        assert_eq!(code(r), libc::ETXTBSY, "{what}");
+        assert_eq!(
+            fs::metadata(fx.export().join("sleeper")).unwrap().len(),
+            size,
+            "{what} cut the HOST file"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the program died: {:?}",
+        child.try_wait()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Once it is gone, truncation works again.
+    File::create(&program).unwrap();
+    assert_eq!(fs::metadata(fx.export().join("sleeper")).unwrap().len(), 0);
 }
 
 #[test]

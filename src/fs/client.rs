@@ -1065,8 +1065,12 @@ impl Filesystem for QtfsClient {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_POSIX_LOCKS,
-            InitFlags::FUSE_ATOMIC_O_TRUNC,
         ];
+        // Not FUSE_ATOMIC_O_TRUNC: with it the kernel sends O_TRUNC along with the open and
+        // checks only afterwards whether the file may be cut, so open(O_TRUNC) of a program
+        // that is running here fails with ETXTBSY after the engine has already emptied the
+        // file (and the program then crashes on its next page fault). Without it the kernel
+        // checks first and then sends the truncation as a setattr on the new handle.
         if self.inner.opts.writeback {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
