@@ -28,6 +28,7 @@ pub enum Tool {
     Demo,
     UdsConnect,
     Man,
+    Completions,
 }
 
 /// The names under which the binary is installed as a link, and the tool each selects.
@@ -84,6 +85,7 @@ fn run(tool: Tool, args: Vec<OsString>) -> ExitCode {
         Tool::Demo => crate::demo::main(args),
         Tool::UdsConnect => crate::uds::connect::main(args),
         Tool::Man => man_main(args),
+        Tool::Completions => completions_main(args),
     }
 }
 
@@ -153,6 +155,8 @@ enum TopTool {
     UdsConnect(Rest),
     /// Print a tool's manual page, or write them all (--out-dir)
     Man(Rest),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(Rest),
 }
 
 impl TopTool {
@@ -173,6 +177,7 @@ impl TopTool {
             TopTool::Demo(_) => Tool::Demo,
             TopTool::UdsConnect(_) => Tool::UdsConnect,
             TopTool::Man(_) => Tool::Man,
+            TopTool::Completions(_) => Tool::Completions,
         }
     }
 }
@@ -193,9 +198,10 @@ struct Rest {
     about = "Create the tool links for this binary",
     long_about = "Copies this binary to PREFIX/bin/dpuctl (unless it already runs from there), \
 creates the links engine, udsproxyd, qtcfg, rexec, rexec_server in PREFIX/bin and mount.qtfs in \
-PREFIX/sbin, so that `mount -t qtfs` finds its helper, and writes the manual pages under \
-PREFIX/share/man. Idempotent: links and pages that are already right are left alone; a different \
-file in the way of a link is an error unless --force.",
+PREFIX/sbin, so that `mount -t qtfs` finds its helper, writes the manual pages under \
+PREFIX/share/man and the bash, zsh and fish completion scripts under PREFIX/share (see \
+`dpuctl completions --help`). Idempotent: links, pages and scripts that are already right are \
+left alone; a different file in the way of a link is an error unless --force.",
     after_help = "Examples:\n  dpuctl install                 # /usr/bin/{dpuctl,engine,...}, /usr/sbin/mount.qtfs\n  dpuctl install --prefix /opt/dpuctl --dry-run"
 )]
 struct InstallArgs {
@@ -247,6 +253,11 @@ pub enum InstallError {
     InTheWay { path: PathBuf },
     #[error("cannot create link {path}: {source}")]
     Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the shell completion scripts under {path}: {source}")]
+    Completions {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -354,6 +365,19 @@ pub fn install(
             path,
             action,
             target,
+        });
+    }
+    let scripts = crate::completions::write_all(prefix, dry_run).map_err(|source| {
+        InstallError::Completions {
+            path: prefix.join("share"),
+            source,
+        }
+    })?;
+    for w in scripts {
+        actions.push(InstallAction {
+            path: w.path,
+            action: if w.changed { "written" } else { "unchanged" },
+            target: PathBuf::from(format!("{} completion of {}", w.shell, w.program)),
         });
     }
     let man_dir = prefix.join("share/man");
@@ -539,6 +563,56 @@ fn man_main(args: Vec<OsString>) -> ExitCode {
         }
         None => {
             eprintln!("dpuctl man: no manual page for {name:?}; `dpuctl man --list` shows them");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dpuctl completions
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpuctl completions",
+    about = "Print a shell completion script",
+    long_about = "Prints the completion script of PROGRAM for SHELL on stdout: for dpuctl (every \
+tool's options after its name) or for one of the tool links (engine, udsproxyd, qtcfg, rexec, \
+rexec_server). `dpuctl install` writes the bash, zsh and fish scripts of all of them where those \
+shells look (PREFIX/share/bash-completion/completions, PREFIX/share/zsh/vendor-completions, \
+PREFIX/share/fish/vendor_completions.d). The scripts are made from the same text as each \
+tool's --help.",
+    after_help = "Examples:\n  source <(dpuctl completions bash)           # this shell only\n  dpuctl completions bash rexec > /etc/bash_completion.d/rexec\n  dpuctl completions zsh > ~/.zfunc/_dpuctl\n  dpuctl completions fish qtcfg > ~/.config/fish/completions/qtcfg.fish\n\nExit status: 0 done, 1 no script for that program, 2 usage error."
+)]
+struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    shell: crate::completions::Shell,
+    /// dpuctl, or a tool link: engine, udsproxyd, qtcfg, rexec, rexec_server
+    #[arg(default_value = "dpuctl")]
+    program: String,
+}
+
+/// The command line, for the manual page (`dpuctl man`).
+pub(crate) fn completions_command() -> clap::Command {
+    <CompletionsArgs as clap::CommandFactory>::command()
+}
+
+fn completions_main(args: Vec<OsString>) -> ExitCode {
+    let a = match CompletionsArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    match crate::completions::script(a.shell, &a.program) {
+        Some(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!(
+                "dpuctl completions: no completion script for {:?}; give one of: {}",
+                a.program,
+                crate::completions::programs().join(", ")
+            );
             ExitCode::FAILURE
         }
     }

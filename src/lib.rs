@@ -17,6 +17,7 @@
 
 pub mod allowlist;
 pub mod cli;
+pub mod completions;
 pub mod config;
 pub mod daemon;
 pub mod demo;

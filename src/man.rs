@@ -55,6 +55,7 @@ pub fn pages() -> Vec<Page> {
         clap("dpuctl-config", "8", crate::cli::config_command),
         clap("dpuctl-uds-connect", "8", crate::uds::connect::command),
         clap("dpuctl-man", "8", crate::cli::man_command),
+        clap("dpuctl-completions", "8", crate::cli::completions_command),
     ]
 }
 
@@ -83,6 +84,14 @@ impl Page {
     pub fn path_in(&self, dir: &Path) -> PathBuf {
         dir.join(format!("man{}", self.section))
             .join(self.file_name())
+    }
+
+    /// The clap command the page is made from; None for `mount.qtfs`, whose help is text.
+    pub fn command(&self) -> Option<clap::Command> {
+        match &self.source {
+            Source::Clap(command) => Some(command()),
+            Source::Text(_) => None,
+        }
     }
 
     /// The page as roff (man(7) macros).
@@ -298,18 +307,26 @@ pub fn write_all(dir: &Path, dry_run: bool) -> std::io::Result<Vec<(PathBuf, boo
         let text = page.render();
         let same = std::fs::read_to_string(&path).is_ok_and(|t| t == text);
         if !same && !dry_run {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let tmp = path.with_extension(format!("{}.tmp{}", page.section, std::process::id()));
-            std::fs::write(&tmp, &text)?;
-            std::fs::rename(&tmp, &path).inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })?;
+            replace_file(&path, &text)?;
         }
         done.push((path, !same));
     }
     Ok(done)
+}
+
+/// Writes `text` to `path` through a temporary file renamed over it (a reader sees the old
+/// file or the new one, never half of one), creating the directories on the way.
+pub(crate) fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]

@@ -128,6 +128,15 @@ fn install_creates_links_that_work_and_is_idempotent() {
         text(&out)
     );
     assert!(prefix.join("sbin/mount.qtfs").symlink_metadata().is_ok());
+    for script in [
+        "share/bash-completion/completions/dpuctl",
+        "share/bash-completion/completions/rexec",
+        "share/zsh/vendor-completions/_qtcfg",
+        "share/fish/vendor_completions.d/udsproxyd.fish",
+    ] {
+        let text = std::fs::read_to_string(prefix.join(script)).unwrap_or_default();
+        assert!(text.contains("--help"), "{script}: {text}");
+    }
     let out = Command::new(prefix.join("bin/dpuctl"))
         .args(["install", "--json", "--prefix", s(&prefix)])
         .output()
@@ -198,4 +207,51 @@ fn man_prints_a_page_lists_them_and_writes_them() {
         }
         Err(e) => eprintln!("SKIPPED the man(1) check: man is not installed ({e})"),
     }
+}
+
+/// What bash offers for `words` (the last one being completed), with the `program` script
+/// `dpuctl completions bash` prints loaded the way bash-completion loads it.
+fn bash_offers(program: &str, words: &[&str]) -> Option<Vec<String>> {
+    let out = dpuctl(&["completions", "bash", program]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = String::from_utf8(out.stdout).unwrap();
+    let cword = words.len() - 1;
+    let prev = if cword > 0 { words[cword - 1] } else { "" };
+    let code = format!(
+        "{script}\nCOMP_WORDS=({}); COMP_CWORD={cword}; _{} {} '{}' '{prev}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+        program.replace(['.', '-'], "__"),
+        program,
+        words[cword],
+    );
+    let out = Command::new("bash").arg("-c").arg(&code).output().ok()?;
+    assert!(out.status.success(), "{}", text(&out));
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+#[test]
+fn bash_completes_tools_and_their_options() {
+    let Some(tools) = bash_offers("dpuctl", &["dpuctl", "rex"]) else {
+        eprintln!("SKIPPED bash_completes_tools_and_their_options: bash is not installed");
+        return;
+    };
+    assert_eq!(tools, ["rexec", "rexec_server"]);
+    let options = bash_offers("dpuctl", &["dpuctl", "rexec", "--env"]).unwrap();
+    assert_eq!(options, ["--env-only"]);
+    let options = bash_offers("rexec", &["rexec", "--env"]).unwrap();
+    assert_eq!(options, ["--env-only"]);
+    let options = bash_offers("qtcfg", &["qtcfg", "-"]).unwrap();
+    assert!(options.iter().any(|o| o == "-w"), "{options:?}");
+    let out = dpuctl(&["completions", "bash", "mount.qtfs"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("give one of: dpuctl, engine"),
+        "{}",
+        text(&out)
+    );
 }
