@@ -34,7 +34,10 @@ fn tool_command(name: &str) -> Option<clap::Command> {
 /// The command tree a shell completes for `program` (`dpuctl` or a tool link name).
 pub fn command_for(program: &str) -> Option<clap::Command> {
     if program != "dpuctl" {
-        return tool_command(program).filter(|_| programs().contains(&program));
+        let is_link = crate::cli::LINK_NAMES
+            .iter()
+            .any(|(name, _)| *name == program);
+        return tool_command(program).filter(|_| is_link);
     }
     let mut top = crate::cli::top_command();
     let names: Vec<String> = top

@@ -194,15 +194,9 @@ impl Hello {
 /// The kernel's UTS hostname (`uname`: one system call, where reading
 /// `/proc/sys/kernel/hostname` takes five; every connection says it).
 fn hostname() -> String {
-    // SAFETY: utsname is plain arrays of c_char, for which all zeroes is a valid value.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the struct we own; on success nodename is NUL-terminated.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return String::new();
-    }
-    // SAFETY: as above, nodename holds a NUL-terminated string within the array.
-    let name = unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) };
-    name.to_string_lossy().into_owned()
+    nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The random instance id of this process (stable for its lifetime).
