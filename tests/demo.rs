@@ -121,8 +121,15 @@ fn sigterm_tears_the_demo_down() {
         assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "{status:?}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    assert!(
+        status.success(),
+        "{status:?}\nstdout after SIGTERM: {rest:?}\nstderr: {stderr}"
+    );
     assert!(rest.iter().any(|l| l == "demo: stopping"), "{rest:?}");
     // --keep-dir kept the logs; every process is gone.
     assert!(dir.join("host/daemon.log").exists());
