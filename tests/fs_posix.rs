@@ -758,6 +758,107 @@ fn truncating_a_running_program_is_refused_and_cuts_nothing() {
     assert_eq!(fs::metadata(fx.export().join("sleeper")).unwrap().len(), 0);
 }
 
+/// Writes and truncations in `d` by root and by another user on set-user-ID and set-group-ID
+/// files, and the mode each leaves, read back at once through `d`.
+fn privilege_transcript(d: &Path) -> Vec<String> {
+    let mut t = Vec::new();
+    for (name, mode, gid, uid, truncate) in PRIVILEGE_CASES {
+        let f = d.join(name);
+        fs::write(&f, b"0123456789").unwrap();
+        std::os::unix::fs::chown(&f, None, Some(gid)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+        let g = f.clone();
+        let r = as_user(uid, move || {
+            let mut h = OpenOptions::new().append(true).open(&g)?;
+            if truncate {
+                h.set_len(4)?;
+            } else {
+                h.write_all(b"more")?;
+            }
+            // close(2) reports what the kernel still had to send (writeback: the times).
+            use std::os::fd::IntoRawFd;
+            // SAFETY: the descriptor was just taken out of its owner.
+            match unsafe { libc::close(h.into_raw_fd()) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+        t.push(format!("{name}: {}", code(r)));
+    }
+    t.extend(privilege_modes(d));
+    t
+}
+
+/// (file, mode, its group, writer uid and gid, truncate or write). A user's write or truncate
+/// clears set-user-ID and set-group-ID; set-group-ID without group execute stays for a
+/// member of the file's group (and, before Linux 6.2, for anyone); root (CAP_FSETID)
+/// clears nothing.
+const PRIVILEGE_CASES: [(&str, u32, u32, u32, bool); 6] = [
+    ("user_write_plain", 0o666, 0, 1000, false),
+    ("user_write", 0o6777, 0, 1000, false),
+    ("user_write_sgid_no_gx", 0o2766, 0, 1000, false),
+    ("member_write_sgid_no_gx", 0o2766, 1000, 1000, false),
+    ("user_truncate", 0o6777, 0, 1000, true),
+    ("root_write", 0o6777, 0, 0, false),
+];
+
+fn privilege_modes(d: &Path) -> Vec<String> {
+    PRIVILEGE_CASES
+        .iter()
+        .map(|(name, ..)| {
+            let m = fs::metadata(d.join(name)).unwrap();
+            format!("{name}: mode {:o} size {}", m.mode() & 0o7777, m.len())
+        })
+        .collect()
+}
+
+/// A user who may write a file but does not own it writes and truncates it as on a local
+/// file system, with default options, writeback and direct I/O: no EPERM (with writeback
+/// the kernel sends its own times with a truncation and at close, which only an owner may
+/// set), set-user-ID and set-group-ID bits cleared on the HOST as a local write clears them
+/// (a non-owner may not chmod), and the mount shows the new mode at once.
+#[test]
+fn writes_by_others_clear_setuid_and_setgid_as_locally() {
+    let local = tempfile::tempdir().unwrap();
+    fs::set_permissions(local.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let want = privilege_transcript(local.path());
+    let modes = &want[PRIVILEGE_CASES.len()..];
+    assert!(
+        want[..PRIVILEGE_CASES.len()]
+            .iter()
+            .all(|r| r.ends_with(": 0")),
+        "{want:?}"
+    );
+    for (i, expected) in [
+        (0, "user_write_plain: mode 666 size 14"),
+        (1, "user_write: mode 777 size 14"),
+        (3, "member_write_sgid_no_gx: mode 2766 size 14"),
+        (4, "user_truncate: mode 777 size 4"),
+        (5, "root_write: mode 6777 size 14"),
+    ] {
+        assert_eq!(modes[i], expected, "the local file system: {want:?}");
+    }
+    for opts in [
+        ClientOptions::default(),
+        ClientOptions {
+            writeback: true,
+            ..ClientOptions::default()
+        },
+        ClientOptions {
+            direct_io: true,
+            ..ClientOptions::default()
+        },
+    ] {
+        let Some(fx) = setup_opts(opts.clone()) else {
+            return;
+        };
+        fs::set_permissions(fx.export(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(privilege_transcript(&fx.mnt()), want, "{opts:?}");
+        // Closing flushed writeback pages: the HOST files are the same.
+        assert_eq!(privilege_modes(&fx.export()), modes, "{opts:?} on the HOST");
+    }
+}
+
 #[test]
 fn posix_locks_reach_the_host_and_flock_works_locally() {
     let Some(fx) = setup() else { return };

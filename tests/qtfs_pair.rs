@@ -612,8 +612,9 @@ fn pjdfstest() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// pjdfstest, the third-party POSIX conformance suite, on a real mount: every test that
-/// passes on a local directory must pass through qtfs.
+/// pjdfstest, the third-party POSIX conformance suite, on a real mount with default options,
+/// with `writeback` and with `direct_io`: every test that passes on a local directory must
+/// pass through qtfs.
 #[test]
 fn pjdfstest_passes_on_the_mount_as_on_a_local_directory() {
     require_fuse!();
@@ -658,34 +659,37 @@ fn pjdfstest_passes_on_the_mount_as_on_a_local_directory() {
         .collect();
     assert!(passing.len() > 300, "pjdfstest on a local dir: {base_text}");
 
-    let opts = format!("server={},key={}", t.fs, s(&t.key));
-    let out = t.dpu.sh(&format!(
-        "mkdir -p /run/pjd && $DPUCTL mount {} /run/pjd -o {opts}",
-        s(&t.export)
-    ));
-    assert!(out.status.success(), "mount: {}", text(&out));
-    let (through, through_text) = run("/run/pjd/suite", &t.dpu);
-    let _ = t.dpu.sh("umount -l /run/pjd");
-    let failed: Vec<&String> = through
-        .iter()
-        .filter(|(n, v)| v == "FAILED" && passing.contains(&n))
-        .map(|(n, _)| n)
-        .collect();
-    let ok = through.iter().filter(|(_, v)| v == "ok").count();
-    eprintln!(
-        "pjdfstest: {} ok locally, {ok} ok through qtfs",
-        passing.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "failing through qtfs only: {failed:?}\n{through_text}"
-    );
-    // Only FUSE's unknown LINK_MAX may skip a test that runs locally.
-    assert!(
-        ok + 2 >= passing.len(),
-        "{ok} of {} ran ok: {through_text}",
-        passing.len()
-    );
+    for extra in ["", ",writeback", ",direct_io"] {
+        let opts = format!("server={},key={}{extra}", t.fs, s(&t.key));
+        let out = t.dpu.sh(&format!(
+            "mkdir -p /run/pjd && $DPUCTL mount {} /run/pjd -o {opts}",
+            s(&t.export)
+        ));
+        assert!(out.status.success(), "mount -o {opts}: {}", text(&out));
+        let suite = format!("/run/pjd/suite{}", extra.replace(',', "-"));
+        let (through, through_text) = run(&suite, &t.dpu);
+        let _ = t.dpu.sh("umount /run/pjd || umount -l /run/pjd");
+        let failed: Vec<&String> = through
+            .iter()
+            .filter(|(n, v)| v == "FAILED" && passing.contains(&n))
+            .map(|(n, _)| n)
+            .collect();
+        let ok = through.iter().filter(|(_, v)| v == "ok").count();
+        eprintln!(
+            "pjdfstest: {} ok locally, {ok} ok through qtfs (-o {opts})",
+            passing.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "failing through qtfs -o {opts} only: {failed:?}\n{through_text}"
+        );
+        // Only FUSE's unknown LINK_MAX may skip a test that runs locally.
+        assert!(
+            ok + 2 >= passing.len(),
+            "-o {opts}: {ok} of {} ran ok: {through_text}",
+            passing.len()
+        );
+    }
 }
 
 /// CPython's own regression tests of file-heavy modules, run with their scratch directory on

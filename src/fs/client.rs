@@ -28,7 +28,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest write the kernel sends in one request (and readahead window).
@@ -126,6 +126,9 @@ struct Inner {
     /// With `writeback` only: the attributes last given to the kernel per inode, and when
     /// ([`QtfsClient::unchanged_times`]).
     attrs: Mutex<HashMap<u64, (FileAttr, Instant)>>,
+    /// Tells the kernel to drop what it cached, once the session runs
+    /// ([`QtfsClient::set_notifier`]).
+    notifier: OnceLock<fuser::Notifier>,
 }
 
 /// Above this many remembered absent xattrs the cache starts over.
@@ -407,6 +410,7 @@ impl QtfsClient {
                 dirs: Mutex::new(HashMap::new()),
                 stats: Arc::new(MountStats::new()),
                 xattr_absent: Mutex::new(HashMap::new()),
+                notifier: OnceLock::new(),
                 forgets: Mutex::new(Vec::new()),
                 attrs: Mutex::new(HashMap::new()),
             }),
@@ -642,6 +646,22 @@ impl QtfsClient {
     /// Drops what the xattr cache knows about `node` (its xattrs are changing).
     fn forget_absent_xattrs(&self, node: u64) {
         lock(&self.inner.xattr_absent).retain(|(n, _), _| *n != node);
+    }
+
+    /// Hands over the running session's notifier (once; later calls are ignored).
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.inner.notifier.set(notifier);
+    }
+
+    /// Makes the kernel ask for `ino`'s attributes again on the next stat. Without a
+    /// notifier yet (the first moments of a mount) they expire after `attr_timeout`.
+    fn invalidate_attrs(&self, ino: INodeNo) {
+        if let Some(n) = self.inner.notifier.get() {
+            // A negative offset drops the attributes and keeps the cached data.
+            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                tracing::debug!(ino = ino.0, error = %e, "could not invalidate cached attributes");
+            }
+        }
     }
 
     /// This mount's per-operation statistics.
@@ -1071,6 +1091,11 @@ impl Filesystem for QtfsClient {
         // that is running here fails with ETXTBSY after the engine has already emptied the
         // file (and the program then crashes on its next page fault). Without it the kernel
         // checks first and then sends the truncation as a setattr on the new handle.
+        // The engine clears set-user-ID and set-group-ID bits on write, truncate and chown
+        // (HANDLE_KILLPRIV_V2). Without it the kernel asks for security.capability before
+        // every write (a request per write(2)), and clears the bits with a chmod sent as the
+        // writer, which the HOST refuses to anyone but the file's owner.
+        wanted.push(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         if self.inner.opts.writeback {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
@@ -1168,7 +1193,7 @@ impl Filesystem for QtfsClient {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -1176,6 +1201,18 @@ impl Filesystem for QtfsClient {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // With `writeback` the kernel sends UTIME_NOW (`touch`) as its own clock's time, which
+        // only the owner may set, where "now" needs only write permission. That time is also
+        // the ctime it sends, which an explicit time never is. Time write-backs bring a
+        // handle and truncations a size: those keep the kernel's exact times.
+        let mtime = match (mtime, ctime) {
+            (Some(TimeOrNow::SpecificTime(m)), Some(c))
+                if self.inner.opts.writeback && m == c && fh.is_none() && size.is_none() =>
+            {
+                Some(TimeOrNow::Now)
+            }
+            (m, _) => m,
+        };
         let st = |t: Option<TimeOrNow>| match t {
             None => SetTime::Omit,
             Some(TimeOrNow::Now) => SetTime::Now,
@@ -1424,21 +1461,35 @@ impl Filesystem for QtfsClient {
 
     fn write(
         &self,
-        _req: &FuseRequest,
-        _ino: INodeNo,
+        req: &FuseRequest,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // The writer lacks CAP_FSETID: the engine may have to write as the writer (which
+        // otherwise does not matter on an open file) to clear what a local write clears.
+        let (flags, creds) = if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            (proto::write_flags::KILL_SUIDGID, self.creds_of(req))
+        } else {
+            (0, no_creds())
+        };
         // Encoded straight from the kernel's buffer: one copy of up to 1 MiB, not two.
-        let payload = Request::encode_write(&no_creds(), fh.0, offset, data);
+        let payload = Request::encode_write(&creds, fh.0, offset, flags, data);
         let retry = Retry::UnlessAppending(fh.0);
-        self.call_encoded(proto::op::WRITE, payload, retry, |_, r| match r {
-            Ok(Response::Count(n)) => reply.written(n as u32),
+        self.call_encoded(proto::op::WRITE, payload, retry, move |me, r| match r {
+            Ok(Response::Written { count, killed }) => {
+                if killed {
+                    // The kernel keeps the old mode until its attributes expire: a stat
+                    // right after the write would still show the bits.
+                    me.invalidate_attrs(ino);
+                }
+                reply.written(count as u32)
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         });

@@ -398,6 +398,7 @@ pub async fn mount_with_transport(
         path: local.into(),
         source: e,
     })?;
+    served.set_notifier(session.notifier());
     Ok(MountHandle {
         session: Some(session),
         client: served,

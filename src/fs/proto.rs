@@ -76,6 +76,13 @@ pub mod open_flags {
     pub const PSEUDO_FS: u32 = 1;
 }
 
+/// Flags of a [`Request::Write`].
+pub mod write_flags {
+    /// The writer lacks CAP_FSETID: clear the file's set-user-ID bit, and its set-group-ID
+    /// bit when it has group execute permission, before writing (FUSE_WRITE_KILL_SUIDGID).
+    pub const KILL_SUIDGID: u32 = 1;
+}
+
 /// `setattr` field selectors ([`SetAttr::valid`]).
 pub mod set {
     pub const MODE: u32 = 1;
@@ -258,6 +265,8 @@ pub enum Request {
     Write {
         fh: u64,
         offset: u64,
+        /// [`write_flags`].
+        flags: u32,
         data: Bytes,
     },
     Flush {
@@ -384,8 +393,14 @@ pub enum Response {
     },
     /// Raw bytes: read data, readlink target, xattr value or name list.
     Data(Bytes),
-    /// A byte count: bytes written or copied.
+    /// A byte count: bytes copied.
     Count(u64),
+    /// Bytes written, and whether the engine cleared set-user-ID or set-group-ID bits first
+    /// ([`write_flags::KILL_SUIDGID`]): the client then drops the kernel's cached mode.
+    Written {
+        count: u64,
+        killed: bool,
+    },
     Statfs(Statfs),
     Lock(Lock),
     Offset(i64),
@@ -666,10 +681,11 @@ impl Request {
 
     /// Encodes a `Write` straight from the caller's data: the same bytes as
     /// `Request::Write { .. }.encode(creds)`, with one copy of the data instead of two.
-    pub fn encode_write(creds: &Creds, fh: u64, offset: u64, data: &[u8]) -> Bytes {
+    pub fn encode_write(creds: &Creds, fh: u64, offset: u64, flags: u32, data: &[u8]) -> Bytes {
         let mut b = with_creds(creds, data.len());
         b.put_u64_le(fh);
         b.put_u64_le(offset);
+        b.put_u32_le(flags);
         b.put_slice(data);
         b.freeze()
     }
@@ -779,9 +795,15 @@ impl Request {
                 b.put_u64_le(*offset);
                 b.put_u32_le(*size);
             }
-            Write { fh, offset, data } => {
+            Write {
+                fh,
+                offset,
+                flags,
+                data,
+            } => {
                 b.put_u64_le(*fh);
                 b.put_u64_le(*offset);
+                b.put_u32_le(*flags);
                 b.put_slice(data);
             }
             Flush { fh, owner } => {
@@ -1029,6 +1051,7 @@ impl Request {
             op::WRITE => Request::Write {
                 fh: r.u64("fh")?,
                 offset: r.u64("offset")?,
+                flags: r.u32("flags")?,
                 data: r.rest(),
             },
             op::FLUSH => Request::Flush {
@@ -1162,6 +1185,10 @@ impl Response {
             // Raw data needs no copy: it is the whole payload.
             Response::Data(d) => return d.clone(),
             Response::Count(n) => b.put_u64_le(*n),
+            Response::Written { count, killed } => {
+                b.put_u64_le(*count);
+                b.put_u8(u8::from(*killed));
+            }
             Response::Statfs(s) => {
                 b.put_u64_le(s.blocks);
                 b.put_u64_le(s.bfree);
@@ -1216,7 +1243,11 @@ impl Response {
                 flags: r.u32("flags")?,
             },
             op::READ | op::READLINK | op::GETXATTR | op::LISTXATTR => Response::Data(r.rest()),
-            op::WRITE | op::COPY_FILE_RANGE => Response::Count(r.u64("count")?),
+            op::WRITE => Response::Written {
+                count: r.u64("count")?,
+                killed: r.bool("killed")?,
+            },
+            op::COPY_FILE_RANGE => Response::Count(r.u64("count")?),
             op::STATFS => Response::Statfs(Statfs {
                 blocks: r.u64("statfs")?,
                 bfree: r.u64("statfs")?,
@@ -1396,11 +1427,13 @@ mod tests {
             Write {
                 fh: 1,
                 offset: 3,
+                flags: 0,
                 data: Bytes::from_static(b"hello"),
             },
             Write {
                 fh: 1,
                 offset: 3,
+                flags: write_flags::KILL_SUIDGID,
                 data: Bytes::new(),
             },
             Flush { fh: 1, owner: 77 },
@@ -1538,7 +1571,14 @@ mod tests {
                 },
             ),
             (op::READ, Response::Data(Bytes::from_static(b"data"))),
-            (op::WRITE, Response::Count(5)),
+            (
+                op::WRITE,
+                Response::Written {
+                    count: 5,
+                    killed: true,
+                },
+            ),
+            (op::COPY_FILE_RANGE, Response::Count(6)),
             (
                 op::STATFS,
                 Response::Statfs(Statfs {
@@ -1623,10 +1663,11 @@ mod tests {
         let req = Request::Write {
             fh: 3,
             offset: 1 << 40,
+            flags: write_flags::KILL_SUIDGID,
             data: Bytes::from(data.clone()),
         };
         assert_eq!(
-            Request::encode_write(&creds, 3, 1 << 40, &data),
+            Request::encode_write(&creds, 3, 1 << 40, write_flags::KILL_SUIDGID, &data),
             req.encode(&creds)
         );
     }
@@ -1636,14 +1677,15 @@ mod tests {
         let req = Request::Write {
             fh: 1,
             offset: 0x0102,
+            flags: write_flags::KILL_SUIDGID,
             data: Bytes::from_static(b"xyz"),
         };
         let bytes = req.encode(&Creds::default());
         assert_eq!(
             &bytes[..],
             &[
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, b'x',
-                b'y', b'z'
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 1, 0,
+                0, 0, b'x', b'y', b'z'
             ][..]
         );
     }

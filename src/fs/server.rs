@@ -21,7 +21,8 @@
 //! held only for map operations, never across a syscall or an await.
 
 use super::proto::{
-    self, mount_flags, set, Attr, Creds, DirEntry, Entry, Lock, Request, Response, SetTime, Time,
+    self, mount_flags, set, write_flags, Attr, Creds, DirEntry, Entry, Lock, Request, Response,
+    SetTime, Time,
 };
 use super::sys;
 use super::Errno;
@@ -961,6 +962,38 @@ impl FsServer {
         Ok(Response::Entry(self.register(fd, &st, mount)))
     }
 
+    /// A write to a set-user-ID or set-group-ID file by a process without CAP_FSETID. It runs
+    /// as the writer, so the HOST kernel clears exactly what a local write there clears
+    /// (set-group-ID without group execute stays for a member of the file's group, for one),
+    /// although the writer may not chmod the file. A writer with uid 0 keeps the engine's
+    /// capabilities, so for it the bits are cleared here, by the classic rule. The answer
+    /// says whether the mode changed.
+    async fn write_dropping_privileges(
+        &self,
+        creds: Creds,
+        h: Arc<Handle>,
+        offset: u64,
+        data: Bytes,
+        before: u32,
+    ) -> Result<Response, Errno> {
+        let as_root = creds.uid == 0;
+        let (n, after) = self
+            .pool
+            .run(Some(creds), move || {
+                let fd = h.fd.as_raw_fd();
+                if as_root {
+                    sys::kill_suid_sgid(fd)?;
+                }
+                let n = sys::pwrite(fd, &data, offset)?;
+                Ok((n, sys::fstat(fd)?.st_mode))
+            })
+            .await?;
+        Ok(Response::Written {
+            count: n as u64,
+            killed: after != before,
+        })
+    }
+
     async fn dispatch(&self, grant: Grant, req: Request) -> Result<Response, Errno> {
         use Request::*;
         let creds = grant.creds;
@@ -1119,10 +1152,22 @@ impl FsServer {
             Setattr { node, fh, set: s } => {
                 let (nfd, _) = self.node(node)?;
                 let hfd = fh.and_then(|f| self.handle_of(f).ok());
-                let st = pool
+                let times = (s.valid & (set::ATIME | set::MTIME) != 0).then(|| {
+                    let pick = |bit, t| if s.valid & bit != 0 { t } else { SetTime::Omit };
+                    [
+                        timespec(pick(set::ATIME, s.atime)),
+                        timespec(pick(set::MTIME, s.mtime)),
+                    ]
+                });
+                // Times that come with a handle (the kernel writing back the times of a file
+                // open for writing, with `writeback`) or with a truncation are the kernel's
+                // own clock, not a user's utimensat (which brings neither).
+                let kernel_times = hfd.is_some() || s.valid & set::SIZE != 0;
+                let (n, h) = (nfd.clone(), hfd.clone());
+                let (st, refused) = pool
                     .run(Some(creds), move || {
-                        let n = nfd.as_raw_fd();
-                        let h = hfd.as_ref().map(|h| h.fd.as_raw_fd());
+                        let n = n.as_raw_fd();
+                        let h = h.as_ref().map(|h| h.fd.as_raw_fd());
                         if s.valid & set::MODE != 0 {
                             sys::chmod_fd(n, s.mode & 0o7777)?;
                         }
@@ -1145,24 +1190,35 @@ impl FsServer {
                                 None => sys::truncate_fd(n, s.size)?,
                             }
                         }
-                        if s.valid & (set::ATIME | set::MTIME) != 0 {
-                            let a = if s.valid & set::ATIME != 0 {
-                                s.atime
-                            } else {
-                                SetTime::Omit
+                        if let Some(times) = times {
+                            let r = match h {
+                                Some(h) => sys::futimens(h, &times),
+                                None => sys::utimens_fd(n, &times),
                             };
-                            let m = if s.valid & set::MTIME != 0 {
-                                s.mtime
-                            } else {
-                                SetTime::Omit
-                            };
-                            let times = [timespec(a), timespec(m)];
-                            match h {
-                                Some(h) => sys::futimens(h, &times)?,
-                                None => sys::utimens_fd(n, &times)?,
+                            match r {
+                                Err(e) if kernel_times && e.raw_os_error() == Some(libc::EPERM) => {
+                                    return Ok((sys::fstat(n)?, true))
+                                }
+                                r => r?,
                             }
                         }
-                        sys::fstat(n)
+                        Ok((sys::fstat(n)?, false))
+                    })
+                    .await?;
+                if !refused {
+                    return Ok(Response::Attr(attr_of(&st)));
+                }
+                // A writer who is not the file's owner may not set explicit times, but a
+                // local write or truncation moves them to now all the same: set the
+                // kernel's "now" as the engine.
+                let times = times.unwrap_or([timespec(SetTime::Omit); 2]);
+                let st = pool
+                    .quick(None, move || {
+                        match &hfd {
+                            Some(h) => sys::futimens(h.fd.as_raw_fd(), &times)?,
+                            None => sys::utimens_fd(nfd.as_raw_fd(), &times)?,
+                        }
+                        sys::fstat(nfd.as_raw_fd())
                     })
                     .await?;
                 Ok(Response::Attr(attr_of(&st)))
@@ -1451,21 +1507,40 @@ impl FsServer {
                     .await?;
                 Ok(Response::Data(Bytes::from(data)))
             }
-            Write { fh, offset, data } => {
+            Write {
+                fh,
+                offset,
+                flags,
+                data,
+            } => {
                 let h = self.handle_of(fh)?;
+                if flags & write_flags::KILL_SUIDGID != 0 {
+                    let before = sys::fstat(h.fd.as_raw_fd())?.st_mode;
+                    if before & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                        return self
+                            .write_dropping_privileges(creds, h, offset, data, before)
+                            .await;
+                    }
+                }
                 // As for reads: a write the kernel can take without waiting (no dirty-page
                 // throttling, no block allocation that needs I/O) happens here.
                 // The pool writes what it did not take (after it: O_APPEND appends).
                 let done = sys::pwrite_nowait(h.fd.as_raw_fd(), &data, offset)?.unwrap_or(0);
                 if done == data.len() {
-                    return Ok(Response::Count(done as u64));
+                    return Ok(Response::Written {
+                        count: done as u64,
+                        killed: false,
+                    });
                 }
                 let n = pool
                     .run(None, move || {
                         sys::pwrite(h.fd.as_raw_fd(), &data[done..], offset + done as u64)
                     })
                     .await?;
-                Ok(Response::Count((done + n) as u64))
+                Ok(Response::Written {
+                    count: (done + n) as u64,
+                    killed: false,
+                })
             }
             Flush { fh, .. } => {
                 let h = self.handle_of(fh)?;

@@ -194,6 +194,26 @@ pub fn chmod_fd(fd: RawFd, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) }).map(drop)
 }
 
+/// Clears what a write by a process without CAP_FSETID clears on a regular file: the
+/// set-user-ID bit, and the set-group-ID bit when group execute is set (without it the bit
+/// marks mandatory locking and stays). One fstat when there is nothing to clear; true when
+/// bits were cleared.
+pub fn kill_suid_sgid(fd: RawFd) -> io::Result<bool> {
+    let mode = fstat(fd)?.st_mode;
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(false);
+    }
+    let mut kill = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    if kill == 0 {
+        return Ok(false);
+    }
+    // SAFETY: plain syscall on a descriptor number.
+    cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) }).map(|_| true)
+}
+
 pub fn chown_fd(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: empty C string with AT_EMPTY_PATH acts on the fd itself (O_PATH fds allowed).
     cvt(unsafe {
