@@ -988,6 +988,124 @@ fn pseudo_files_read_in_full_with_direct_io() {
     m.unmount().unwrap();
 }
 
+/// Unmounts a file system mounted by a test when dropped (also when the test fails).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A full HOST file system: a write fails with ENOSPC and what was written before is on the
+/// HOST intact; with `writeback` the kernel has taken the writes into its cache, and the
+/// error reaches fsync (as on NFS). Nothing hangs, and once space is freed the same mount
+/// writes again.
+#[test]
+fn a_full_host_disk_is_enospc_and_loses_nothing() {
+    const CHUNK: usize = 64 * 1024;
+    for opts in [
+        ClientOptions::default(),
+        ClientOptions {
+            writeback: true,
+            ..ClientOptions::default()
+        },
+        ClientOptions {
+            direct_io: true,
+            ..ClientOptions::default()
+        },
+    ] {
+        let Some(fx) = setup_opts(opts.clone()) else {
+            return;
+        };
+        // A 256 KiB file system inside the export (the engine crosses mount points).
+        let small = fx.export().join("small");
+        fs::create_dir(&small).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &small,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=256k,mode=0755"),
+        )
+        .expect("mount a small tmpfs");
+        let _unmount = Unmount(small.clone());
+
+        let path = fx.mnt().join("small/fill");
+        let mut f = File::create(&path).unwrap();
+        let mut written = 0;
+        let mut error = None;
+        for i in 0..16u8 {
+            match f.write(&[i; CHUNK]) {
+                Ok(n) => written += n,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let synced = f.sync_all();
+        drop(f);
+        if opts.writeback {
+            assert_eq!(
+                written,
+                16 * CHUNK,
+                "{opts:?}: the page cache takes every write"
+            );
+            assert_eq!(
+                code(synced),
+                libc::ENOSPC,
+                "{opts:?}: fsync reports the full disk"
+            );
+        } else {
+            let e = error.unwrap_or_else(|| panic!("{opts:?}: wrote {written} bytes into 256 KiB"));
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{opts:?}: {e}");
+            assert!(
+                written >= CHUNK,
+                "{opts:?}: only {written} bytes before ENOSPC"
+            );
+            // Every byte a write reported is on the HOST, in order.
+            let host = fs::read(small.join("fill")).unwrap();
+            assert!(
+                host.len() >= written,
+                "{opts:?}: {} < {written}",
+                host.len()
+            );
+            for (i, block) in host[..written].chunks(CHUNK).enumerate() {
+                assert!(block.iter().all(|b| *b == i as u8), "{opts:?}: block {i}");
+            }
+        }
+        // Space freed through the mount: the same mount writes and reads again.
+        fs::remove_file(&path).unwrap();
+        let again = fx.mnt().join("small/again");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // The HOST frees the blocks once the engine closed the file (its release may
+            // still be on its way).
+            let attempt = || -> std::io::Result<()> {
+                let mut f = File::create(&again)?;
+                f.write_all(b"room again")?;
+                // With writeback the write lands in the page cache: fsync says whether it
+                // reached the HOST.
+                f.sync_all()
+            };
+            match attempt() {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{opts:?}: writing after freeing space: {e}"),
+            }
+        }
+        assert_eq!(
+            fs::read(small.join("again")).unwrap(),
+            b"room again",
+            "{opts:?}"
+        );
+        assert_eq!(fs::read(&again).unwrap(), b"room again", "{opts:?}");
+    }
+}
+
 #[test]
 fn a_dead_link_fails_with_enotconn_not_a_hang() {
     use dpuctl::fs::{FsCallError, FsTransport};

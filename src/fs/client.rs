@@ -1473,11 +1473,14 @@ impl Filesystem for QtfsClient {
     ) {
         // The writer lacks CAP_FSETID: the engine may have to write as the writer (which
         // otherwise does not matter on an open file) to clear what a local write clears.
-        let (flags, creds) = if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+        let (mut flags, creds) = if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             (proto::write_flags::KILL_SUIDGID, self.creds_of(req))
         } else {
             (0, no_creds())
         };
+        if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            flags |= proto::write_flags::CACHED;
+        }
         // Encoded straight from the kernel's buffer: one copy of up to 1 MiB, not two.
         let payload = Request::encode_write(&creds, fh.0, offset, flags, data);
         let retry = Retry::UnlessAppending(fh.0);

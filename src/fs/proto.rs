@@ -81,6 +81,9 @@ pub mod write_flags {
     /// The writer lacks CAP_FSETID: clear the file's set-user-ID bit, and its set-group-ID
     /// bit when it has group execute permission, before writing (FUSE_WRITE_KILL_SUIDGID).
     pub const KILL_SUIDGID: u32 = 1;
+    /// The kernel writing back cached pages (FUSE_WRITE_CACHE): it ignores the count of a
+    /// short write, so anything but all of it must be an error.
+    pub const CACHED: u32 = 2;
 }
 
 /// `setattr` field selectors ([`SetAttr::valid`]).

@@ -309,6 +309,27 @@ fn read_cached(fd: RawFd, buf: &mut [u8], offset: u64) -> Result<(usize, bool), 
     Ok((got, false))
 }
 
+/// Writes `data` at `offset` with as many pwrites as it takes. An error after some progress
+/// (a disk that fills up) gives the count so far, which the writer sees as a short write and
+/// meets the error on its next one; but the kernel's write-back of cached pages (`whole`)
+/// ignores the count, so the rest would be lost without a word: that gets the error.
+fn write_at(fd: RawFd, data: &[u8], offset: u64, whole: bool) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match sys::pwrite(fd, &data[done..], offset + done as u64) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if done > 0 && !whole => {
+                tracing::debug!(error = %e, done, "short write");
+                return Ok(done);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Switches the current pool thread to `c` unless it already has it.
 fn assume(c: &Creds) -> io::Result<()> {
     CURRENT.with(|cur| {
@@ -973,10 +994,12 @@ impl FsServer {
         creds: Creds,
         h: Arc<Handle>,
         offset: u64,
+        flags: u32,
         data: Bytes,
         before: u32,
     ) -> Result<Response, Errno> {
         let as_root = creds.uid == 0;
+        let whole = flags & write_flags::CACHED != 0;
         let (n, after) = self
             .pool
             .run(Some(creds), move || {
@@ -984,7 +1007,7 @@ impl FsServer {
                 if as_root {
                     sys::kill_suid_sgid(fd)?;
                 }
-                let n = sys::pwrite(fd, &data, offset)?;
+                let n = write_at(fd, &data, offset, whole)?;
                 Ok((n, sys::fstat(fd)?.st_mode))
             })
             .await?;
@@ -1518,7 +1541,7 @@ impl FsServer {
                     let before = sys::fstat(h.fd.as_raw_fd())?.st_mode;
                     if before & (libc::S_ISUID | libc::S_ISGID) != 0 {
                         return self
-                            .write_dropping_privileges(creds, h, offset, data, before)
+                            .write_dropping_privileges(creds, h, offset, flags, data, before)
                             .await;
                     }
                 }
@@ -1532,9 +1555,10 @@ impl FsServer {
                         killed: false,
                     });
                 }
+                let whole = flags & write_flags::CACHED != 0;
                 let n = pool
                     .run(None, move || {
-                        sys::pwrite(h.fd.as_raw_fd(), &data[done..], offset + done as u64)
+                        write_at(h.fd.as_raw_fd(), &data[done..], offset + done as u64, whole)
                     })
                     .await?;
                 Ok(Response::Written {
