@@ -246,6 +246,65 @@ fn stdin_and_large_streams_keep_every_byte() {
     }
 }
 
+/// Standard output on a full disk: the program only sees its output close (as when a local
+/// reader goes away) and ends with SIGPIPE, so the client says what happened on stderr. A
+/// reader that goes away is not reported, as a local program would not.
+#[test]
+fn a_full_disk_on_stdout_is_reported_and_a_gone_reader_is_not() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED a_full_disk_on_stdout_is_reported_and_a_gone_reader_is_not: mounting a small tmpfs needs root");
+        return;
+    }
+    let srv = Server::start(&[]);
+    let small = srv.scratch.path("small");
+    std::fs::create_dir(&small).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .expect("mount a small tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(small.clone());
+
+    let out = std::fs::File::create(small.join("out")).expect("create out");
+    let o = srv
+        .uds(&["head", "-c", "10000000", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run rexec");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rexec: writing standard output: No space left on device"),
+        "{err}"
+    );
+    assert_eq!(o.status.code(), Some(128 + libc::SIGPIPE), "{err}");
+
+    let mut child = srv
+        .uds(&["head", "-c", "100000000", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rexec");
+    let mut first = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("writing standard output"), "{err}");
+    assert_eq!(o.status.code(), Some(128 + libc::SIGPIPE), "{err}");
+}
+
 #[test]
 fn killing_the_client_kills_the_remote_process() {
     let srv = Server::start(&[]);

@@ -407,10 +407,12 @@ impl PidFile {
             }
             // Written beside and renamed into place, so a reader never sees an empty entry.
             let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-            std::fs::write(&tmp, format!("{remote_pid}\n"))?;
-            std::fs::rename(&tmp, &path).inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })
+            std::fs::write(&tmp, format!("{remote_pid}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .inspect_err(|_| {
+                    // A full disk leaves no half-written entry behind either.
+                    let _ = std::fs::remove_file(&tmp);
+                })
         };
         match write() {
             Ok(()) => PidFile(Some(path)),
@@ -768,7 +770,8 @@ fn stdin_is_empty() -> bool {
 
 /// Writes stdout/stderr in a thread; the returned receiver completes when everything was
 /// written. A broken stdout is reported once (the server then closes the program's stdout,
-/// so it sees EPIPE/SIGPIPE as it would locally).
+/// so it sees EPIPE/SIGPIPE as it would locally); a failure other than a closed reader is
+/// also printed, since the program cannot see it.
 fn spawn_output_thread(
     mut rx: tokio::sync::mpsc::Receiver<Out>,
     pool: std::sync::mpsc::Sender<Vec<u8>>,
@@ -790,6 +793,12 @@ fn spawn_output_thread(
                     *ok = false;
                     if is_stdout {
                         tracing::debug!(error = %e, "stdout closed");
+                        // A closed reader is the program's business (EPIPE or SIGPIPE, as
+                        // locally). Anything else, a full disk say, the program only sees as
+                        // a broken pipe: say what it was.
+                        if e != nix::errno::Errno::EPIPE {
+                            eprintln!("rexec: writing standard output: {}", e.desc());
+                        }
                         let _ = ctrl.send(Ctrl::StdoutClosed);
                     }
                 }

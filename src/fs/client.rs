@@ -1091,6 +1091,7 @@ impl Filesystem for QtfsClient {
         // that is running here fails with ETXTBSY after the engine has already emptied the
         // file (and the program then crashes on its next page fault). Without it the kernel
         // checks first and then sends the truncation as a setattr on the new handle.
+        //
         // The engine clears set-user-ID and set-group-ID bits on write, truncate and chown
         // (HANDLE_KILLPRIV_V2). Without it the kernel asks for security.capability before
         // every write (a request per write(2)), and clears the bits with a chmod sent as the

@@ -78,8 +78,9 @@ pub mod open_flags {
 
 /// Flags of a [`Request::Write`].
 pub mod write_flags {
-    /// The writer lacks CAP_FSETID: clear the file's set-user-ID bit, and its set-group-ID
-    /// bit when it has group execute permission, before writing (FUSE_WRITE_KILL_SUIDGID).
+    /// The writer lacks CAP_FSETID (FUSE_WRITE_KILL_SUIDGID): the file loses what a local
+    /// write by it would clear, set-user-ID and set-group-ID by the HOST kernel's rules. The
+    /// request then carries the writer's credentials.
     pub const KILL_SUIDGID: u32 = 1;
     /// The kernel writing back cached pages (FUSE_WRITE_CACHE): it ignores the count of a
     /// short write, so anything but all of it must be an error.
