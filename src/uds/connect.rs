@@ -71,7 +71,7 @@ pub enum ConnectError {
     #[error("udsproxyd sent an invalid reply: {0}")]
     BadReply(String),
     /// The connection was refused or failed; the errno is the one a local connect would give.
-    #[error("{message} ({})", io::Error::from_raw_os_error(*errno))]
+    #[error("{}", with_errno(message, *errno))]
     Refused {
         /// The errno (ECONNREFUSED when an allowlist denies).
         errno: i32,
@@ -83,6 +83,17 @@ pub enum ConnectError {
         "the path is not on this machine's udsconnect allowlist, so udsproxyd does not route it"
     )]
     NotRouted,
+}
+
+/// `message`, followed by the errno's text unless it already says it (a far side's own
+/// connect error reads "No such file or directory (os error 2)" already).
+fn with_errno(message: &str, errno: i32) -> String {
+    let e = io::Error::from_raw_os_error(errno).to_string();
+    if message.contains(&e) {
+        message.to_owned()
+    } else {
+        format!("{message} ({e})")
+    }
 }
 
 impl ConnectError {
@@ -273,6 +284,29 @@ mod tests {
         assert_eq!(a.request_socket.as_deref(), Some(Path::new("/run/x.sock")));
         assert_eq!(a.remote_path, Path::new("/var/run/docker.sock"));
         assert!(Args::try_parse_from(["x", "--type", "raw", "/a"]).is_err());
+    }
+
+    #[test]
+    fn a_refusal_names_its_errno_once() {
+        let far = ConnectError::Refused {
+            errno: libc::ENOENT,
+            message: format!(
+                "connect to /run/x.sock on the far side: {}",
+                io::Error::from_raw_os_error(libc::ENOENT)
+            ),
+        };
+        assert_eq!(
+            far.to_string(),
+            "connect to /run/x.sock on the far side: No such file or directory (os error 2)"
+        );
+        let denied = ConnectError::Refused {
+            errno: libc::ECONNREFUSED,
+            message: "/run/x.sock is not on the udsconnect allowlist".into(),
+        };
+        assert_eq!(
+            denied.to_string(),
+            "/run/x.sock is not on the udsconnect allowlist (Connection refused (os error 111))"
+        );
     }
 
     #[test]
