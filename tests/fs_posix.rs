@@ -988,6 +988,33 @@ fn pseudo_files_read_in_full_with_direct_io() {
     m.unmount().unwrap();
 }
 
+/// The kernel's readahead window of the mount at `mnt`, in KiB.
+fn read_ahead_kib(mnt: &Path) -> u32 {
+    let dev = fs::metadata(mnt).unwrap().dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+}
+
+/// Every mount reads ahead one full request (1 MiB) instead of the kernel's FUSE default of
+/// 128 KiB; `read_ahead=0` keeps the default.
+#[test]
+fn mounts_read_ahead_a_full_request() {
+    let Some(fx) = setup() else { return };
+    assert_eq!(read_ahead_kib(&fx.mnt()), 1024);
+    drop(fx);
+    let Some(fx) = setup_opts(ClientOptions {
+        read_ahead_kib: 0,
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    assert_eq!(read_ahead_kib(&fx.mnt()), 128);
+}
+
 /// Unmounts a file system mounted by a test when dropped (also when the test fails).
 struct Unmount(std::path::PathBuf);
 

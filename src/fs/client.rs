@@ -39,6 +39,10 @@ const PROC_SELF: u64 = PROC_BASE | 1;
 const PROC_THREAD_SELF: u64 = PROC_BASE | 2;
 const PROC_PID: u64 = PROC_BASE | (1 << 32);
 
+/// Readahead window set for every mount: one full read request (the kernel gives a FUSE
+/// mount 128 KiB, so a sequential read waits for eight round trips per MiB).
+pub const DEFAULT_READ_AHEAD_KIB: u32 = MAX_WRITE / 1024;
+
 /// Client-side mount options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientOptions {
@@ -61,6 +65,9 @@ pub struct ClientOptions {
     /// How long a directory this mount created is taken to change only through it
     /// (`fresh_dirs`, see `fresh.rs`); zero (the default) is off.
     pub fresh_dirs: Duration,
+    /// The kernel's readahead window for this mount in KiB (`read_ahead`); 0 keeps the
+    /// kernel's FUSE default of 128 KiB.
+    pub read_ahead_kib: u32,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +84,7 @@ impl Default for ClientOptions {
             local_proc: PathBuf::from("/local_proc"),
             allow_other: true,
             fresh_dirs: Duration::ZERO,
+            read_ahead_kib: DEFAULT_READ_AHEAD_KIB,
         }
     }
 }
