@@ -142,6 +142,17 @@ fn mount_read_write_and_umount_through_the_engine() {
         std::fs::read_to_string(t.export.join("d/moved.txt")).unwrap(),
         "written\n"
     );
+    // O_DIRECT files, new and existing, through the engine's own create and open paths.
+    let out = t.dpu.sh(&format!(
+        "dd if=/dev/zero of={mnt}/direct bs=1M count=2 oflag=direct status=none && \
+         dd if=/dev/zero of={mnt}/direct bs=1M count=1 oflag=direct conv=notrunc status=none && \
+         dd if={mnt}/direct of=/dev/null bs=1M iflag=direct status=none"
+    ));
+    assert!(out.status.success(), "O_DIRECT: {}", text(&out));
+    assert_eq!(
+        std::fs::metadata(t.export.join("direct")).unwrap().len(),
+        2 << 20
+    );
     // Errors are the HOST's errno: rmdir of a non-empty directory.
     let out = t.dpu.sh(&format!("rmdir {mnt}/d"));
     assert!(

@@ -330,6 +330,14 @@ fn write_at(fd: RawFd, data: &[u8], offset: u64, whole: bool) -> io::Result<usiz
     Ok(done)
 }
 
+/// The flags of a DPU open as the HOST file is opened with. O_DIRECT stays on the DPU (its
+/// kernel then bypasses its own page cache for the file): the engine's buffers arrive from
+/// the network at no particular alignment, so a HOST O_DIRECT file would refuse every
+/// write with EINVAL (virtiofsd drops it the same way).
+fn host_open_flags(flags: i32) -> i32 {
+    flags & !libc::O_DIRECT
+}
+
 /// Switches the current pool thread to `c` unless it already has it.
 fn assume(c: &Creds) -> io::Result<()> {
     CURRENT.with(|cur| {
@@ -1323,7 +1331,8 @@ impl FsServer {
                         let f = sys::openat(
                             libc::AT_FDCWD,
                             &p,
-                            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
+                            host_open_flags(flags)
+                                & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
                             0,
                         )?;
                         // f_type is signed in glibc and unsigned in musl.
@@ -1361,12 +1370,12 @@ impl FsServer {
                         let f = sys::openat2(
                             pfd.as_raw_fd(),
                             &c,
-                            flags | extra | libc::O_CREAT | libc::O_NOFOLLOW,
+                            host_open_flags(flags) | extra | libc::O_CREAT | libc::O_NOFOLLOW,
                             mode & !umask & 0o7777,
                             sys::RESOLVE_STRICT,
                         )?;
                         if nonblock && flags & libc::O_NONBLOCK == 0 {
-                            sys::set_fl(f.as_raw_fd(), flags & !libc::O_CREAT)?;
+                            sys::set_fl(f.as_raw_fd(), host_open_flags(flags) & !libc::O_CREAT)?;
                         }
                         let (node_fd, st) = Self::lookup_at(pfd.as_raw_fd(), &name)?;
                         Ok((f, node_fd, st))
