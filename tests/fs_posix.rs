@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -413,6 +413,46 @@ fn readdir_of_ten_thousand_entries() {
 
 /// Drops the kernel's dentry cache (which sends FORGETs) and waits until the engine holds at
 /// most a handful of nodes.
+/// Every entry of a listing (with attributes) is a lookup the kernel later forgets, whether
+/// the engine already had the node (made through the mount, listed before) or opens it for
+/// the listing; hard links share one node. Once the kernel lets go, no node is held.
+#[test]
+fn listings_count_lookups_on_known_and_new_nodes_alike() {
+    let Some(fx) = setup() else { return };
+    for i in 0..50 {
+        fs::write(fx.mnt().join(format!("made_here{i}")), b"x").unwrap();
+        fs::write(fx.export().join(format!("made_on_host{i}")), b"x").unwrap();
+    }
+    fs::hard_link(
+        fx.export().join("made_on_host0"),
+        fx.export().join("made_on_host0_link"),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let listed: Vec<(String, u64)> = fs::read_dir(fx.mnt())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), e.ino())
+            })
+            .collect();
+        assert_eq!(listed.len(), 101, "round {round}");
+        let ino = |n: &str| listed.iter().find(|(name, _)| name == n).unwrap().1;
+        assert_eq!(
+            ino("made_on_host0"),
+            ino("made_on_host0_link"),
+            "round {round}"
+        );
+        assert_eq!(
+            fs::metadata(fx.mnt().join("made_on_host0_link"))
+                .unwrap()
+                .nlink(),
+            2
+        );
+    }
+    assert_nodes_released(&fx.server, "after three listings");
+}
+
 fn assert_nodes_released(server: &dpuctl::fs::server::FsServer, when: &str) {
     fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -1713,12 +1713,13 @@ impl FsServer {
         plus: bool,
     ) -> Result<Response, Errno> {
         let h = self.handle_of(fh)?;
+        let dir = h.clone();
         let mount = h.mount;
         // The client chooses the batch; cap it so one request cannot make a huge answer.
         let size = size.min(proto::MAX_READDIR_BATCH);
         let raw = self
             .pool
-            .run(Some(creds), move || {
+            .run(Some(creds.clone()), move || {
                 let _g = h.dir.lock().unwrap_or_else(|e| e.into_inner());
                 let fd = h.fd.as_raw_fd();
                 sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
@@ -1736,9 +1737,11 @@ impl FsServer {
                             break 'fill;
                         }
                         let dot = d.name == b"." || d.name == b"..";
-                        let looked = if plus && !dot {
-                            match Self::lookup_at(fd, d.name) {
-                                Ok(x) => Some(x),
+                        // A stat, not an open: most entries of a listing are inodes the
+                        // client already has (it made them, or listed them before).
+                        let st = if plus && !dot {
+                            match sys::stat_entry(fd, &sys::cstr(d.name)?) {
+                                Ok(st) => Some(st),
                                 // Removed since getdents: skip it, as a later readdir would.
                                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                                 Err(e) => return Err(e),
@@ -1747,22 +1750,82 @@ impl FsServer {
                             None
                         };
                         used += cost;
-                        out.push((d.ino, d.off, d.kind, d.name.to_vec(), looked));
+                        out.push((d.ino, d.off, d.kind, d.name.to_vec(), st));
                     }
                 }
                 Ok(out)
             })
             .await?;
-        let entries = raw
-            .into_iter()
-            .map(|(ino, offset, kind, name, looked)| DirEntry {
-                ino,
-                offset,
-                kind,
-                name,
-                entry: looked.map(|(fd, st)| self.register(fd, &st, mount)),
+        if !plus {
+            let entries = raw
+                .into_iter()
+                .map(|(ino, offset, kind, name, _)| DirEntry {
+                    ino,
+                    offset,
+                    kind,
+                    name,
+                    entry: None,
+                })
+                .collect();
+            return Ok(Response::Dir(entries));
+        }
+        // Known inodes take a lookup on their node; the others are opened (O_PATH) in one
+        // more pool job, and an entry gone by then is left out.
+        let mut entries: Vec<DirEntry> = Vec::with_capacity(raw.len());
+        let mut unknown: Vec<(usize, Vec<u8>)> = Vec::new();
+        {
+            let mut t = self.lock();
+            for (ino, offset, kind, name, st) in raw {
+                let entry = st.and_then(|st| {
+                    let id = *t.by_key.get(&(mount, st.st_dev, st.st_ino))?;
+                    let n = t.nodes.get_mut(&id)?;
+                    n.nlookup += 1;
+                    Some(Entry {
+                        node: id,
+                        attr: attr_of(&st),
+                    })
+                });
+                let dot = name == b"." || name == b"..";
+                if entry.is_none() && !dot {
+                    unknown.push((entries.len(), name.clone()));
+                }
+                entries.push(DirEntry {
+                    ino,
+                    offset,
+                    kind,
+                    name,
+                    entry,
+                });
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(Response::Dir(entries));
+        }
+        let opened = self
+            .pool
+            .run(Some(creds), move || {
+                let fd = dir.fd.as_raw_fd();
+                let mut out = Vec::with_capacity(unknown.len());
+                for (i, name) in unknown {
+                    match Self::lookup_at(fd, &name) {
+                        Ok(x) => out.push((i, Some(x))),
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => out.push((i, None)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
             })
-            .collect();
+            .await?;
+        let mut gone = Vec::new();
+        for (i, looked) in opened {
+            match looked {
+                Some((fd, st)) => entries[i].entry = Some(self.register(fd, &st, mount)),
+                None => gone.push(i),
+            }
+        }
+        for i in gone.into_iter().rev() {
+            entries.remove(i);
+        }
         Ok(Response::Dir(entries))
     }
 }

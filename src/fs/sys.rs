@@ -113,6 +113,16 @@ pub fn fstat(fd: RawFd) -> io::Result<libc::stat64> {
     Ok(st)
 }
 
+/// stat of the entry `name` in `dir` itself (a symlink is not followed). `name` is one
+/// component, as getdents returns it.
+pub fn stat_entry(dir: RawFd, name: &CStr) -> io::Result<libc::stat64> {
+    // SAFETY: stat64 is plain data; zeroed is valid and the kernel fills it.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
 pub fn fstatfs(fd: RawFd) -> io::Result<libc::statfs64> {
     // SAFETY: plain data out-parameter.
     let mut st: libc::statfs64 = unsafe { std::mem::zeroed() };
