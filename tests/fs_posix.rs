@@ -18,6 +18,21 @@ use std::os::unix::fs::{DirEntryExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// Default options, `writeback` and `direct_io`: the three ways the DPU kernel caches data.
+fn cache_modes() -> [ClientOptions; 3] {
+    [
+        ClientOptions::default(),
+        ClientOptions {
+            writeback: true,
+            ..ClientOptions::default()
+        },
+        ClientOptions {
+            direct_io: true,
+            ..ClientOptions::default()
+        },
+    ]
+}
+
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -878,17 +893,7 @@ fn writes_by_others_clear_setuid_and_setgid_as_locally() {
     ] {
         assert_eq!(modes[i], expected, "the local file system: {want:?}");
     }
-    for opts in [
-        ClientOptions::default(),
-        ClientOptions {
-            writeback: true,
-            ..ClientOptions::default()
-        },
-        ClientOptions {
-            direct_io: true,
-            ..ClientOptions::default()
-        },
-    ] {
+    for opts in cache_modes() {
         let Some(fx) = setup_opts(opts.clone()) else {
             return;
         };
@@ -1119,17 +1124,7 @@ impl Drop for Unmount {
 #[test]
 fn a_full_host_disk_is_enospc_and_loses_nothing() {
     const CHUNK: usize = 64 * 1024;
-    for opts in [
-        ClientOptions::default(),
-        ClientOptions {
-            writeback: true,
-            ..ClientOptions::default()
-        },
-        ClientOptions {
-            direct_io: true,
-            ..ClientOptions::default()
-        },
-    ] {
+    for opts in cache_modes() {
         let Some(fx) = setup_opts(opts.clone()) else {
             return;
         };
@@ -1280,16 +1275,8 @@ fn forgotten_nodes_and_closed_handles_are_released() {
 fn posix_ops_match_with_writeback_cache_and_direct_io() {
     let local = tempfile::tempdir().unwrap();
     let want = transcript(local.path());
-    for opts in [
-        ClientOptions {
-            writeback: true,
-            ..ClientOptions::default()
-        },
-        ClientOptions {
-            direct_io: true,
-            ..ClientOptions::default()
-        },
-    ] {
+    // The default options have their own test (posix_ops_match_a_local_directory).
+    for opts in cache_modes().into_iter().skip(1) {
         let Some(fx) = setup_with(
             |p| StaticPolicy::new().with(ListType::Mount, p),
             opts.clone(),
