@@ -1081,6 +1081,52 @@ fn o_direct_files_read_and_write() {
     }
 }
 
+/// SEEK_DATA and SEEK_HOLE on a file whose last writes are still in the DPU's page cache
+/// (`writeback`) find that data, as locally: a sparse-aware copy of a file being written
+/// must not skip it. Without `writeback` the HOST answers, holes included.
+#[test]
+fn seek_data_finds_data_not_yet_written_back() {
+    let seek = |fd: i32, at: i64, whence: i32| -> Result<i64, i32> {
+        // SAFETY: lseek on a descriptor this test owns.
+        let r = unsafe { libc::lseek(fd, at, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+        } else {
+            Ok(r)
+        }
+    };
+    for opts in cache_modes() {
+        let Some(fx) = setup_opts(opts.clone()) else {
+            return;
+        };
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(fx.mnt().join("growing"))
+            .unwrap();
+        f.write_all(b"hello").unwrap();
+        let fd = f.as_raw_fd();
+        for i in 0..5 {
+            assert_eq!(seek(fd, i, libc::SEEK_DATA), Ok(i), "{opts:?}");
+            assert_eq!(seek(fd, i, libc::SEEK_HOLE), Ok(5), "{opts:?}");
+        }
+        assert_eq!(seek(fd, 5, libc::SEEK_DATA), Err(libc::ENXIO), "{opts:?}");
+        drop(f);
+        if !opts.writeback {
+            // The HOST's holes: data, a 1 MiB hole, data.
+            let p = fx.mnt().join("sparse");
+            let f = File::create(&p).unwrap();
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(b"a", 0).unwrap();
+            f.write_all_at(b"b", 2 << 20).unwrap();
+            let hole = seek(f.as_raw_fd(), 0, libc::SEEK_HOLE).unwrap();
+            assert!(hole < 2 << 20, "{opts:?}: no hole reported ({hole})");
+        }
+    }
+}
+
 /// The kernel's readahead window of the mount at `mnt`, in KiB.
 fn read_ahead_kib(mnt: &Path) -> u32 {
     let dev = fs::metadata(mnt).unwrap().dev();

@@ -1930,6 +1930,15 @@ impl Filesystem for QtfsClient {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.inner.opts.writeback {
+            // The kernel does not write dirty pages back before asking, so the HOST would
+            // report a hole (or ENXIO) where data was just written: a sparse-aware reader
+            // (cp, tar, rsync) of a file still being written would skip it. ENOSYS makes the
+            // kernel answer SEEK_DATA/SEEK_HOLE itself from then on: data up to its own file
+            // size, the hole at the end.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         self.call(
             Request::Lseek {
                 fh: fh.0,
