@@ -1330,6 +1330,18 @@ fn posix_ops_match_with_writeback_cache_and_direct_io() {
         ) else {
             return;
         };
+        let mut want = want.clone();
+        if opts.writeback {
+            // The DPU kernel answers SEEK_DATA/SEEK_HOLE there: all data up to the end of
+            // the 4 MiB file, no holes (see seek_data_finds_data_not_yet_written_back).
+            for line in want.iter_mut() {
+                if line.starts_with("seek_data: ") {
+                    *line = "seek_data: 0".into();
+                } else if line.starts_with("seek_hole: ") {
+                    *line = format!("seek_hole: {}", 4 << 20);
+                }
+            }
+        }
         let got = transcript(&fx.mnt());
         assert_eq!(want, got, "{opts:?}");
     }
