@@ -248,7 +248,8 @@ fn stdin_and_large_streams_keep_every_byte() {
 
 /// Standard output on a full disk: the program only sees its output close (as when a local
 /// reader goes away) and ends with SIGPIPE, so the client says what happened on stderr. A
-/// reader that goes away is not reported, as a local program would not.
+/// reader that goes away is not reported, as a local program would not. The program writes
+/// without end, so only the closed output can end it.
 #[test]
 fn a_full_disk_on_stdout_is_reported_and_a_gone_reader_is_not() {
     if !nix::unistd::geteuid().is_root() {
@@ -276,7 +277,7 @@ fn a_full_disk_on_stdout_is_reported_and_a_gone_reader_is_not() {
 
     let out = std::fs::File::create(small.join("out")).expect("create out");
     let o = srv
-        .uds(&["head", "-c", "10000000", "/dev/zero"])
+        .uds(&["cat", "/dev/zero"])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::piped())
@@ -290,7 +291,7 @@ fn a_full_disk_on_stdout_is_reported_and_a_gone_reader_is_not() {
     assert_eq!(o.status.code(), Some(128 + libc::SIGPIPE), "{err}");
 
     let mut child = srv
-        .uds(&["head", "-c", "100000000", "/dev/zero"])
+        .uds(&["cat", "/dev/zero"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
