@@ -407,6 +407,16 @@ struct Tables {
 }
 
 impl Tables {
+    /// One more lookup on the node of the inode `st` describes, if this mount has one.
+    fn look_up_known(&mut self, mount: usize, st: &libc::stat64) -> Option<Entry> {
+        let id = *self.by_key.get(&(mount, st.st_dev, st.st_ino))?;
+        self.nodes.get_mut(&id)?.nlookup += 1;
+        Some(Entry {
+            node: id,
+            attr: attr_of(st),
+        })
+    }
+
     /// Adds node `id` for the inode `key`.
     fn insert_node(
         &mut self,
@@ -884,14 +894,8 @@ impl FsServer {
     fn register(&self, fd: OwnedFd, st: &libc::stat64, mount: usize) -> Entry {
         let key = (mount, st.st_dev, st.st_ino);
         let mut t = self.lock();
-        if let Some(&id) = t.by_key.get(&key) {
-            if let Some(n) = t.nodes.get_mut(&id) {
-                n.nlookup += 1;
-                return Entry {
-                    node: id,
-                    attr: attr_of(st),
-                };
-            }
+        if let Some(entry) = t.look_up_known(mount, st) {
+            return entry;
         }
         let id = self.alloc_id();
         t.insert_node(id, fd, mount, key, 1);
@@ -1242,7 +1246,10 @@ impl FsServer {
                 // A writer who is not the file's owner may not set explicit times, but a
                 // local write or truncation moves them to now all the same: set the
                 // kernel's "now" as the engine.
-                let times = times.unwrap_or([timespec(SetTime::Omit); 2]);
+                // Only a time update can be refused: `times` is there.
+                let Some(times) = times else {
+                    return Ok(Response::Attr(attr_of(&st)));
+                };
                 let st = pool
                     .quick(None, move || {
                         match &hfd {
@@ -1776,15 +1783,7 @@ impl FsServer {
         {
             let mut t = self.lock();
             for (ino, offset, kind, name, st) in raw {
-                let entry = st.and_then(|st| {
-                    let id = *t.by_key.get(&(mount, st.st_dev, st.st_ino))?;
-                    let n = t.nodes.get_mut(&id)?;
-                    n.nlookup += 1;
-                    Some(Entry {
-                        node: id,
-                        attr: attr_of(&st),
-                    })
-                });
+                let entry = st.and_then(|st| t.look_up_known(mount, &st));
                 let dot = name == b"." || name == b"..";
                 if entry.is_none() && !dot {
                     unknown.push((entries.len(), name.clone()));
