@@ -575,6 +575,42 @@ fn cgroup_writes_through_the_mount_take_effect_on_the_host() {
 }
 
 #[test]
+fn a_background_mount_keeps_no_directory_busy_and_shows_absolute_paths() {
+    require_fuse!();
+    let t = setup();
+    // Started from a directory on a file system of its own, with the mount point and the
+    // key given relative to it; that file system must unmount while the mount serves.
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/wd /run/rel-mnt && mount -t tmpfs tmpfs /run/wd && cp {key} /run/wd/psk && \
+         cd /run/wd && $DPUCTL mount {export} ../rel-mnt -o server={fs},key=psk && \
+         cd / && umount /run/wd && cat /run/rel-mnt/hello.txt",
+        key = s(&t.key),
+        export = s(&t.export),
+        fs = t.fs
+    ));
+    let st = t.dpu.status().unwrap();
+    let _ = t.dpu.sh("umount /run/rel-mnt");
+    assert!(
+        out.status.success(),
+        "the directory the mount was started from stayed busy: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from the HOST"),
+        "{}",
+        text(&out)
+    );
+    let mount = mount_of(&st);
+    assert_eq!(mount["mount"]["local"], "/run/rel-mnt", "{st}");
+    assert!(
+        mount["mount"]["options"]
+            .as_str()
+            .is_some_and(|o| o.contains("key=psk")),
+        "status shows the options as given: {st}"
+    );
+}
+
+#[test]
 fn an_fstab_line_mounts_with_plain_mount() {
     require_fuse!();
     let t = setup();

@@ -264,9 +264,35 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
     if !remote.is_absolute() {
         return Err(MountError::RemotePath(remote));
     }
+    if !m.client.local_proc.is_absolute() {
+        // Proc mode points symlinks at it: a relative target would resolve against
+        // wherever the link sits inside the mount.
+        return Err(MountError::BadOption(format!(
+            "local_proc={} (must be an absolute path)",
+            m.client.local_proc.display()
+        )));
+    }
     m.remote = remote;
-    m.local = local;
+    // The mount process leaves its working directory for `/` once it runs in the
+    // background (so it never keeps a file system busy), and status shows these paths:
+    // relative ones are taken against the directory the mount was started from.
+    // The mount point is resolved as mount(8) resolves it (`..`, symlinks), when it can be.
+    m.local = std::fs::canonicalize(&local).or_else(|_| absolute(local))?;
+    m.key = absolute(std::mem::take(&mut m.key))?;
+    m.run_dir = absolute(std::mem::take(&mut m.run_dir))?;
     Ok(m)
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf, MountError> {
+    if p.is_absolute() {
+        return Ok(p);
+    }
+    std::path::absolute(&p).map_err(|e| {
+        MountError::Usage(format!(
+            "cannot make {} absolute (the current directory: {e})",
+            p.display()
+        ))
+    })
 }
 
 /// Dials the engine and authenticates; see [`super::link::connect`].
@@ -562,6 +588,9 @@ fn daemonise(m: &MountArgs, log: &LogHandle) -> Result<ExitCode, MountError> {
         nix::unistd::ForkResult::Child => {
             drop(rd);
             let _ = nix::unistd::setsid();
+            // A daemon must not pin the file system it was started from (`umount` of it
+            // would say "target is busy"); every path was made absolute when parsed.
+            let _ = nix::unistd::chdir("/");
             let wr_cell = std::cell::RefCell::new(Some(wr));
             let r = serve(m, log, |_| {
                 if let Some(w) = wr_cell.borrow_mut().take() {
@@ -953,6 +982,25 @@ mod tests {
             parse_args(&args(&["/a", "/b", "-x"])),
             Err(MountError::Usage(_))
         ));
+        assert!(
+            matches!(parse_args(&args(&["/proc", "/b", "-o", "proc,local_proc=lp"])), Err(MountError::BadOption(o)) if o.contains("absolute")),
+            "proc mode's symlinks need an absolute target"
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_taken_against_the_starting_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let m = parse_args(&args(&["/a", "mnt/x", "-o", "key=k/psk,run_dir=run"])).unwrap();
+        assert_eq!(m.local, cwd.join("mnt/x"));
+        assert_eq!(m.key, cwd.join("k/psk"));
+        assert_eq!(m.run_dir, cwd.join("run"));
+        let m = parse_args(&args(&["/a", "/b"])).unwrap();
+        assert_eq!(
+            m.key,
+            PathBuf::from(DEFAULT_KEY),
+            "absolute paths stay as given"
+        );
     }
 
     #[test]
