@@ -611,6 +611,54 @@ fn a_background_mount_keeps_no_directory_busy_and_shows_absolute_paths() {
 }
 
 #[test]
+fn sigterm_to_a_mount_under_another_leaves_the_other_alone() {
+    require_fuse!();
+    let t = setup();
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let export = s(&t.export);
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/stk && $DPUCTL mount {export} /run/stk -o {opts}"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let st = t.dpu.status().unwrap();
+    let a = mount_of(&st)["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no mount pid in {st}"));
+    // A second mount over the first; then the first one's process is told to stop. (The
+    // namespace's first process does not reap, so an ended process stays a zombie.)
+    let out = t.dpu.sh(&format!(
+        "alive() {{ [ -r /proc/$1/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$1/status; }}; \
+         $DPUCTL mount {export} /run/stk -o {opts},ro && kill -TERM {a} && \
+         for i in $(seq 50); do alive {a} || break; sleep 0.1; done; \
+         if alive {a}; then echo FIRST-STILL-RUNNING; exit 0; fi; \
+         timeout -s KILL 10 cat /run/stk/hello.txt; timeout -s KILL 10 touch /run/stk/x; \
+         grep -c ' /run/stk ' /proc/self/mounts"
+    ));
+    let _ = t.dpu.sh("umount -l /run/stk; umount -l /run/stk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hello from the HOST"),
+        "the mount on top went away with the other's process: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "the read-only mount is the one on top: {}",
+        text(&out)
+    );
+    assert!(
+        !stdout.contains("FIRST-STILL-RUNNING"),
+        "the signalled process did not end: {}",
+        text(&out)
+    );
+    assert!(
+        stdout.trim_end().ends_with('2'),
+        "both mounts stay in the table (the lower one dead until unmounted): {}",
+        text(&out)
+    );
+}
+
+#[test]
 fn an_fstab_line_mounts_with_plain_mount() {
     require_fuse!();
     let t = setup();

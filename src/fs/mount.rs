@@ -104,7 +104,7 @@ Options (-o, comma-separated):
   read_ahead=KIB       kernel readahead window for sequential reads [1024]; 0 keeps the
                        kernel's FUSE default (128)
   writeback            kernel writeback cache (faster large writes)
-  direct_io            no page cache (always on for files of size 0, as in proc/sys)
+  direct_io            no page cache (always on for proc, sysfs and cgroup files)
   allow_other          let every user use the mount [on]; noallow_other turns it off
   root_squash          act as nobody on the HOST for root here; no_root_squash [off]
   reconnect            when the engine goes away, dial it again (backoff up to 2 s) and give
@@ -263,6 +263,13 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
     })?;
     if !remote.is_absolute() {
         return Err(MountError::RemotePath(remote));
+    }
+    if m.client.writeback && m.client.direct_io {
+        // The DPU kernel would keep file times for writeback but never advance them for
+        // direct writes, and write those stale times back to the HOST.
+        return Err(MountError::BadOption(
+            "writeback with direct_io (direct_io bypasses the page cache that writeback keeps, and file times go stale: choose one)".into(),
+        ));
     }
     if !m.client.local_proc.is_absolute() {
         // Proc mode points symlinks at it: a relative target would resolve against
@@ -638,6 +645,8 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
     ))?;
     ready(&m.local);
     tracing::info!(remote = %m.remote.display(), local = %m.local.display(), server = %m.server, "qtfs mounted");
+    // Which mount is ours: on a signal, the path is unmounted only while ours is on top.
+    let ours = top_mount_dev(&m.local);
     let local = m.local.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let control_path = control::socket_path(&m.run_dir, &format!("mount-{}", std::process::id()));
@@ -655,7 +664,7 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
         reconnect: m.reconnect,
     });
     let client = handle.client();
-    rt.block_on(async {
+    let abandon = rt.block_on(async {
         match control::bind(&control_path) {
             Ok(listener) => {
                 tokio::spawn(control::serve(
@@ -671,20 +680,94 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
         tokio::spawn(keep_linked(state.clone(), client, m.clone()));
         let waiter = tokio::task::spawn_blocking(move || handle.wait());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            r = waiter => { let _ = r; }
-            _ = tokio::signal::ctrl_c() => { let _ = nix::mount::umount2(&local, nix::mount::MntFlags::MNT_DETACH); }
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
-                let _ = nix::mount::umount2(&local, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        let signalled = tokio::select! {
+            r = waiter => { let _ = r; false }
+            _ = tokio::signal::ctrl_c() => true,
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => true,
+        };
+        let abandon = signalled && !detach_if_ours(&local, ours);
         tracing::info!(local = %m.local.display(), "qtfs unmounted");
         shutdown.cancel();
         // Let the control server remove its socket.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        abandon
     });
     let _ = std::fs::remove_file(&control_path);
+    if abandon {
+        // Our mount is out of reach (under another one, or in another namespace only): the
+        // session would wait for it forever. Exiting closes /dev/fuse, which ends the
+        // connection: what is left of the mount answers ENOTCONN until it is unmounted.
+        std::process::exit(0);
+    }
     Ok(())
+}
+
+/// On SIGTERM/SIGINT: detaches the mount on `local` if it is ours (the device `ours` was
+/// on top there when we mounted). Another mount on the same directory since (a new mount
+/// of the same export after ours was unmounted here but kept alive by another namespace,
+/// or one stacked over ours) is left alone: false.
+fn detach_if_ours(local: &Path, ours: Option<(u32, u32)>) -> bool {
+    let top = top_mount_dev(local);
+    if ours.is_some() && top != ours {
+        tracing::warn!(
+            local = %local.display(),
+            "the mount on this directory is not this process's (another was mounted over it, or it was unmounted here): leaving it alone and ending this mount's connection"
+        );
+        return false;
+    }
+    let _ = nix::mount::umount2(local, nix::mount::MntFlags::MNT_DETACH);
+    true
+}
+
+/// The device (major, minor) of the topmost mount on `path` in this mount namespace, from
+/// /proc/self/mountinfo (no call into the mount itself, which may be ours and busy).
+fn top_mount_dev(path: &Path) -> Option<(u32, u32)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    use std::os::unix::ffi::OsStrExt;
+    top_mount_dev_in(&info, path.as_os_str().as_bytes())
+}
+
+fn top_mount_dev_in(mountinfo: &str, path: &[u8]) -> Option<(u32, u32)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // id, parent id, major:minor, root, mount point, ...
+            let mut f = line.split(' ');
+            let dev = f.nth(2)?;
+            let point = f.nth(1)?;
+            if unescape_mountinfo(point) != path {
+                return None;
+            }
+            let (major, minor) = dev.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        // The last line for a directory is the mount on top.
+        .next_back()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| {
+            d.iter()
+                .all(|c| (b'0'..=b'7').contains(c))
+                .then(|| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+        });
+        match (b[i], octal) {
+            (b'\\', Some(v)) if v <= 0xff => {
+                out.push(v as u8);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// What the mount's control socket reports (`dpuctl status`, the TUI).
@@ -986,6 +1069,25 @@ mod tests {
             matches!(parse_args(&args(&["/proc", "/b", "-o", "proc,local_proc=lp"])), Err(MountError::BadOption(o)) if o.contains("absolute")),
             "proc mode's symlinks need an absolute target"
         );
+        assert!(
+            matches!(parse_args(&args(&["/a", "/b", "-o", "writeback", "-o", "direct_io"])), Err(MountError::BadOption(o)) if o.contains("choose one")),
+            "writeback and direct_io exclude each other"
+        );
+    }
+
+    #[test]
+    fn the_topmost_mount_on_a_path_is_found_with_escapes() {
+        let info = "\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:51 / /run/my\\040mnt rw,nosuid shared:9 - fuse.qtfs qtfs:/a rw
+31 30 0:52 / /run/my\\040mnt rw,nosuid shared:10 - fuse.qtfs qtfs:/b rw
+32 22 0:53 / /run/other rw - tmpfs tmpfs rw
+";
+        assert_eq!(top_mount_dev_in(info, b"/run/my mnt"), Some((0, 52)));
+        assert_eq!(top_mount_dev_in(info, b"/run/other"), Some((0, 53)));
+        assert_eq!(top_mount_dev_in(info, b"/run/my\\040mnt"), None);
+        assert_eq!(top_mount_dev_in(info, b"/nowhere"), None);
+        assert_eq!(unescape_mountinfo(r"a\011b\134c\0"), b"a\tb\\c\\0");
     }
 
     #[test]
