@@ -766,6 +766,17 @@ fn allowlist_denials_are_eacces() {
         )),
         libc::EACCES
     );
+    // A hard link may not carry a file into a place where it could be written: "other/f"
+    // may not be written, so it gets no name under "allowed" (the HOST file is untouched).
+    assert_eq!(
+        code(fs::hard_link(
+            fx.mnt().join("other/f"),
+            fx.mnt().join("allowed/hl")
+        )),
+        libc::EACCES
+    );
+    assert!(!fx.export().join("allowed/hl").exists());
+    assert_eq!(fs::read(fx.export().join("other/f")).unwrap(), b"x");
 }
 
 /// open(O_TRUNC) of a program that is running from the mount fails with ETXTBSY, as on a
@@ -1001,6 +1012,30 @@ fn proc_mode_links_local_processes_to_local_proc() {
         .contains(&format!("Pid:\t{me}")));
     // A PID that is not local is the HOST's entry.
     assert!(fs::metadata(fx.mnt().join("999999999")).unwrap().is_dir());
+    // The HOST's own `self` and an entry with a local process's number, listed: a listing
+    // must not link those names to the HOST's entries.
+    std::os::unix::fs::symlink("12345", fx.export().join("self")).unwrap();
+    fs::create_dir(fx.export().join(&me)).unwrap();
+    for _ in 0..2 {
+        let names: Vec<String> = fs::read_dir(fx.mnt())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.contains(&"self".to_string()) && names.contains(&me),
+            "{names:?}"
+        );
+        assert_eq!(
+            fs::read_link(fx.mnt().join("self")).unwrap(),
+            Path::new("/proc/self"),
+            "after a listing"
+        );
+        assert_eq!(
+            fs::read_link(fx.mnt().join(&me)).unwrap(),
+            Path::new("/proc").join(&me),
+            "after a listing"
+        );
+    }
 }
 
 #[test]
@@ -1694,4 +1729,370 @@ fn fresh_dirs_expire() {
     assert_eq!(code(fs::metadata(fx.mnt().join("d/host"))), libc::ENOENT);
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(fs::read(fx.mnt().join("d/host")).unwrap(), b"h");
+}
+
+/// What user 1000 gets from a file inside a directory only root may enter (0700), after
+/// root has used the path so the DPU kernel holds its names: the same as on a local file
+/// system, every time (a cached path must not skip the directory's search permission).
+fn search_permission_transcript(d: &Path) -> Vec<String> {
+    let private = d.join("private");
+    fs::create_dir(&private).unwrap();
+    let conf = private.join("conf");
+    fs::write(&conf, b"original").unwrap();
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    // A directory the user may list but not search (r--).
+    let listed = d.join("listed");
+    fs::create_dir(&listed).unwrap();
+    fs::write(listed.join("a"), b"").unwrap();
+    fs::set_permissions(&listed, fs::Permissions::from_mode(0o744)).unwrap();
+    let mut t = Vec::new();
+    for round in 0..2 {
+        fs::read(&conf).unwrap();
+        fs::metadata(listed.join("a")).unwrap();
+        let (c, l) = (conf.clone(), listed.clone());
+        let r = as_user(1000, move || {
+            vec![
+                format!("read: {}", code(fs::read(&c))),
+                format!("write: {}", code(OpenOptions::new().write(true).open(&c))),
+                format!("stat: {}", code(fs::metadata(&c))),
+                format!(
+                    "list r--: {:?}",
+                    fs::read_dir(&l).map(|e| e
+                        .map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .collect::<Vec<_>>())
+                ),
+                format!("stat in r--: {}", code(fs::metadata(l.join("a")))),
+            ]
+        });
+        t.extend(r.into_iter().map(|s| format!("round {round}: {s}")));
+    }
+    t.push(format!("content: {:?}", fs::read_to_string(&conf).unwrap()));
+    t
+}
+
+#[test]
+fn cached_paths_keep_directory_search_permission_as_locally() {
+    let local = tempfile::tempdir().unwrap();
+    fs::set_permissions(local.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let want = search_permission_transcript(local.path());
+    assert!(
+        want.iter().any(|l| l.contains("read: 13")) && want.iter().any(|l| l.contains("[\"a\"]")),
+        "the local file system: {want:?}"
+    );
+    for opts in cache_modes() {
+        let Some(fx) = setup_opts(opts.clone()) else {
+            return;
+        };
+        fs::set_permissions(fx.export(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(search_permission_transcript(&fx.mnt()), want, "{opts:?}");
+    }
+}
+
+/// A POSIX ACL xattr (`system.posix_acl_*`, version 2): owner rwx, user 1000 rwx, group
+/// r-x, mask rwx, other r-x.
+fn acl_granting_user_1000() -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 7u16, u32::MAX), // ACL_USER_OBJ
+        (0x02, 7, 1000),           // ACL_USER
+        (0x04, 5, u32::MAX),       // ACL_GROUP_OBJ
+        (0x10, 7, u32::MAX),       // ACL_MASK
+        (0x20, 5, u32::MAX),       // ACL_OTHER
+    ] {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+fn xattr_of(p: &Path, name: &std::ffi::CStr) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings, buffer valid for its length.
+    let n = unsafe {
+        libc::getxattr(
+            c(p).as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+/// Under a directory with a default ACL, files and directories made with umask 022 (on a
+/// thread of its own, as umask is per process otherwise) get the ACL's permissions, not the
+/// umask's; elsewhere the umask applies.
+fn default_acl_transcript(d: &Path) -> Vec<String> {
+    let acl_dir = d.join("acl");
+    let plain = d.join("plain");
+    fs::create_dir(&acl_dir).unwrap();
+    fs::create_dir(&plain).unwrap();
+    let acl = acl_granting_user_1000();
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe {
+        libc::setxattr(
+            c(&acl_dir).as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        errno_of(r),
+        0,
+        "setting a default ACL on {}",
+        acl_dir.display()
+    );
+    let (a, p) = (acl_dir.clone(), plain.clone());
+    std::thread::spawn(move || {
+        // SAFETY: this thread gets its own umask (CLONE_FS) before changing it.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_FS), 0);
+            libc::umask(0o022);
+        }
+        for dir in [&a, &p] {
+            File::create(dir.join("f")).unwrap();
+            fs::create_dir(dir.join("s")).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let mut t = Vec::new();
+    for dir in [&acl_dir, &plain] {
+        for name in ["f", "s"] {
+            let p = dir.join(name);
+            let mode = fs::metadata(&p).unwrap().mode() & 0o7777;
+            let acl = xattr_of(&p, c"system.posix_acl_access");
+            t.push(format!(
+                "{}/{name}: mode {mode:o}, access ACL {}",
+                dir.file_name().unwrap().to_string_lossy(),
+                acl.map_or("none".into(), |a| format!("{} bytes", a.len()))
+            ));
+        }
+    }
+    let f = acl_dir.join("f");
+    t.push(format!(
+        "user 1000 may write acl/f: {}",
+        code(as_user(1000, move || OpenOptions::new()
+            .write(true)
+            .open(&f)))
+    ));
+    t
+}
+
+#[test]
+fn a_default_acl_replaces_the_umask_as_locally() {
+    let local = tempfile::tempdir().unwrap();
+    let want = default_acl_transcript(local.path());
+    assert_eq!(
+        want[0], "acl/f: mode 664, access ACL 44 bytes",
+        "the local file system: {want:?}"
+    );
+    assert_eq!(want[2], "plain/f: mode 644, access ACL none", "{want:?}");
+    for opts in cache_modes() {
+        let Some(fx) = setup_opts(opts.clone()) else {
+            return;
+        };
+        assert_eq!(default_acl_transcript(&fx.mnt()), want, "{opts:?}");
+    }
+}
+
+/// A shared writable mapping of a file on a `direct_io` mount: the kernel maps it through
+/// its page cache, and msync brings the bytes to the HOST.
+#[test]
+fn direct_io_files_map_shared() {
+    let Some(fx) = setup_opts(ClientOptions {
+        direct_io: true,
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    fs::write(fx.export().join("shm"), b"hello").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join("shm"))
+        .unwrap();
+    // SAFETY: a fresh mapping of 5 bytes of an open file, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            5,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap(MAP_SHARED): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: p maps 5 writable bytes.
+    unsafe {
+        *(p as *mut u8) = b'J';
+        assert_eq!(libc::msync(p, 5, libc::MS_SYNC), 0);
+        libc::munmap(p, 5);
+    }
+    assert_eq!(fs::read(fx.export().join("shm")).unwrap(), b"Jello");
+}
+
+/// A file held open on the DPU sees what the HOST writes in place once its attributes are
+/// refreshed (a changed modification time drops the cached pages), as a reader of a status
+/// or log file expects.
+#[test]
+fn open_files_see_host_writes_after_the_attribute_timeout() {
+    let Some(fx) = setup_opts(ClientOptions {
+        attr_ttl: Duration::from_millis(100),
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let host = fx.export().join("status");
+    fs::write(&host, b"v1\n").unwrap();
+    let mut f = File::open(fx.mnt().join("status")).unwrap();
+    let mut buf = [0u8; 3];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"v1\n");
+    // A later modification time, as a write some time after the first gives.
+    std::thread::sleep(Duration::from_millis(20));
+    OpenOptions::new()
+        .write(true)
+        .open(&host)
+        .unwrap()
+        .write_all(b"v2\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"v2\n", "the open file kept its stale pages");
+}
+
+/// After a change inside a directory the DPU kernel drops the directory's attributes and
+/// asks for them before its next permission check there; the engine sends them with the
+/// change, so creating, renaming and removing many entries costs no GETATTR round trips, and
+/// what the mount shows of the directory is still the HOST's.
+#[test]
+fn changes_in_a_directory_need_no_attribute_round_trips() {
+    let Some(fx) = setup() else { return };
+    let d = fx.mnt().join("d");
+    fs::create_dir(&d).unwrap();
+    let mount = fx.mount.as_ref().unwrap();
+    let getattrs = || {
+        mount
+            .stats()
+            .snapshot()
+            .get("getattr")
+            .map_or(0, |s| s.count)
+    };
+    let before = getattrs();
+    for i in 0..30 {
+        File::create(d.join(format!("f{i}"))).unwrap();
+    }
+    for i in 0..30 {
+        fs::rename(d.join(format!("f{i}")), d.join(format!("g{i}"))).unwrap();
+    }
+    for i in 0..10 {
+        fs::create_dir(d.join(format!("s{i}"))).unwrap();
+        fs::remove_dir(d.join(format!("s{i}"))).unwrap();
+    }
+    for i in 0..30 {
+        fs::remove_file(d.join(format!("g{i}"))).unwrap();
+    }
+    File::create(d.join("last")).unwrap();
+    let asked = getattrs() - before;
+    assert!(
+        asked <= 2,
+        "{asked} GETATTRs went to the engine for 111 changes in one directory"
+    );
+    let (m, h) = (
+        fs::metadata(&d).unwrap(),
+        fs::metadata(fx.export().join("d")).unwrap(),
+    );
+    assert_eq!(
+        (m.mtime(), m.mtime_nsec(), m.ctime(), m.nlink(), m.mode()),
+        (h.mtime(), h.mtime_nsec(), h.ctime(), h.nlink(), h.mode()),
+        "the directory's attributes after the changes are the HOST's"
+    );
+    // A chmod of the directory right after a change inside it: the new mode is what the
+    // mount shows and what the kernel checks.
+    File::create(d.join("x")).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(fs::metadata(&d).unwrap().mode() & 0o7777, 0o700);
+    let y = d.join("y");
+    assert_eq!(code(as_user(1000, move || File::create(y))), libc::EACCES);
+}
+
+/// The lock a HOST process sees on `p`: F_WRLCK, F_RDLCK or F_UNLCK.
+fn host_sees_lock(p: &Path) -> i16 {
+    let h = OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let mut q = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid flock pointer on an owned fd.
+    assert_eq!(
+        errno_of(unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) }),
+        0
+    );
+    q.l_type
+}
+
+/// A process that holds a POSIX lock and starts a child (which shares the open file until
+/// it exits or execs) keeps its lock, as locally: only its own close releases it.
+#[test]
+fn a_childs_exit_leaves_its_parents_lock_alone() {
+    let Some(fx) = setup() else { return };
+    fs::write(fx.export().join("l"), b"lock me").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join("l"))
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid flock pointer.
+    assert_eq!(
+        errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) }),
+        0
+    );
+    // SAFETY: the child only calls _exit (async-signal-safe), which closes its copy of the
+    // descriptor: the DPU kernel sends a flush with the child's lock owner.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    // Spawning a program closes the descriptor in the child at exec (close-on-exec).
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(
+        host_sees_lock(&fx.export().join("l")),
+        libc::F_WRLCK as i16,
+        "the child's exit released its parent's lock"
+    );
+    drop(f);
+    assert_eq!(
+        host_sees_lock(&fx.export().join("l")),
+        libc::F_UNLCK as i16,
+        "the holder's close released the lock"
+    );
 }

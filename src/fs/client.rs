@@ -18,10 +18,10 @@ use super::{FsCallError, FsTransport};
 use bytes::Bytes;
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request as FuseRequest, TimeOrNow,
-    WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request as FuseRequest, TimeOrNow, WriteFlags,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
@@ -114,9 +114,10 @@ struct Inner {
     generation: AtomicU64,
     /// This outage outlasted `reconnect_wait`: calls fail at once until the mount is back.
     waited_out: AtomicBool,
-    /// Supplementary groups by caller pid, read from /proc at most once per
-    /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat.
-    groups: Mutex<HashMap<u32, CachedGroups>>,
+    /// Supplementary groups by caller pid, uid and gid, read from /proc at most once per
+    /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat. (The DPU
+    /// kernel checks permissions with the caller's current groups first.)
+    groups: Mutex<HashMap<(u32, u32, u32), CachedGroups>>,
     /// File handles on which a lock was requested: only their flush needs the engine
     /// (it drops POSIX locks, as close does); other flushes are answered here, because
     /// writes are already on the HOST when they complete (writeback flushes pages first).
@@ -134,6 +135,11 @@ struct Inner {
     /// With `writeback` only: the attributes last given to the kernel per inode, and when
     /// ([`QtfsClient::unchanged_times`]).
     attrs: Mutex<HashMap<u64, (FileAttr, Instant)>>,
+    /// Directories' attributes as the engine gave them right after a change made through
+    /// this mount, by inode, and when: the kernel drops a directory's attributes after every
+    /// change in it and asks for them before its next permission check there, which these
+    /// answer without a round trip ([`QtfsClient::changed_dir_attr`]).
+    dir_attrs: Mutex<HashMap<u64, (FileAttr, Instant)>>,
     /// Tells the kernel to drop what it cached, once the session runs
     /// ([`QtfsClient::set_notifier`]).
     notifier: OnceLock<fuser::Notifier>,
@@ -258,7 +264,7 @@ async fn mount_root(
     remote: &Path,
     opts: &ClientOptions,
 ) -> Result<u64, FsCallError> {
-    let mut flags = 0;
+    let mut flags = proto::mount_flags::DIR_ATTRS;
     if opts.read_only {
         flags |= proto::mount_flags::READ_ONLY;
     }
@@ -421,6 +427,7 @@ impl QtfsClient {
                 notifier: OnceLock::new(),
                 forgets: Mutex::new(Vec::new()),
                 attrs: Mutex::new(HashMap::new()),
+                dir_attrs: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -517,9 +524,12 @@ impl QtfsClient {
     /// The caller's credentials; groups come from the cache when fresh.
     fn creds_of(&self, req: &FuseRequest) -> Creds {
         let pid = req.pid();
+        // A process that changes its uid or gid (setpriv, su, a daemon dropping privileges
+        // before exec) usually changes its groups with them: read them again then.
+        let key = (pid, req.uid(), req.gid());
         let now = Instant::now();
         let cached = lock(&self.inner.groups)
-            .get(&pid)
+            .get(&key)
             .filter(|(at, _)| now.duration_since(*at) < GROUPS_TTL)
             .map(|(_, g)| g.clone());
         let groups = match cached {
@@ -530,7 +540,7 @@ impl QtfsClient {
                 if cache.len() >= GROUPS_CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(pid, (now, g.clone()));
+                cache.insert(key, (now, g.clone()));
                 g
             }
         };
@@ -705,6 +715,47 @@ impl QtfsClient {
         attr
     }
 
+    /// Keeps the directory attributes that came with an answer (for the kernel's next
+    /// GETATTR of each) and returns the answer itself. Of two answers about one directory,
+    /// the later change (greater ctime) wins, whatever order they arrive in.
+    fn take_dir_attrs(&self, resp: Response) -> Response {
+        let Response::InDirs { inner, dirs } = resp else {
+            return resp;
+        };
+        let now = Instant::now();
+        for (node, a) in dirs {
+            let attr = self.file_attr(node, &a);
+            let mut cache = lock(&self.inner.dir_attrs);
+            if cache.len() >= ATTRS_CACHE_MAX {
+                cache.clear();
+            }
+            let newer = cache
+                .get(&attr.ino.0)
+                .map_or(true, |(old, _)| old.ctime <= attr.ctime);
+            if newer {
+                cache.insert(attr.ino.0, (attr, now));
+            }
+        }
+        *inner
+    }
+
+    /// The attributes a change through this mount left directory `ino` with, if the
+    /// engine gave them less than `attr_ttl` ago; used once (the kernel keeps them for the
+    /// TTL), and the next change gives new ones.
+    /// Returns them with what is left of the TTL, so the kernel holds them no longer than
+    /// `attr_ttl` after the engine read them.
+    fn changed_dir_attr(&self, ino: u64) -> Option<(FileAttr, Duration)> {
+        let (attr, at) = lock(&self.inner.dir_attrs).remove(&ino)?;
+        let left = self.inner.opts.attr_ttl.checked_sub(at.elapsed())?;
+        (!left.is_zero()).then_some((attr, left))
+    }
+
+    /// A change of the directory's own attributes (mode, owner, ACL) through this mount
+    /// makes what a change inside it left there out of date.
+    fn forget_dir_attr(&self, ino: u64) {
+        lock(&self.inner.dir_attrs).remove(&ino);
+    }
+
     /// With `writeback` the kernel keeps a file's times itself and, after every rename or
     /// unlink (a ctime change), writes them back with a SETATTR of mtime and ctime, and waits
     /// for it. When that mtime is the one the engine last reported, within the attribute
@@ -760,6 +811,7 @@ impl QtfsClient {
                 }),
                 Err(e) => Err(e.errno),
             };
+            let r = r.map(|resp| me.take_dir_attrs(resp));
             me.inner.stats.record(op, started.elapsed(), r.is_err());
             done(&me, r);
         });
@@ -1105,6 +1157,23 @@ impl Filesystem for QtfsClient {
         // every write (a request per write(2)), and clears the bits with a chmod sent as the
         // writer, which the HOST refuses to anyone but the file's owner.
         wanted.push(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // POSIX_ACL turns on the kernel's own permission checks (default_permissions) with
+        // the HOST's ACLs, which it fetches as xattrs. They run on every path walk, also
+        // through names the kernel has cached, so a directory's search permission counts as
+        // it does locally: without them a cached path skips the lookup, and with it the only
+        // check of the directories on the way (the engine reaches nodes by handle).
+        // The engine still performs every operation as the caller, so the HOST's checks
+        // apply as well.
+        wanted.push(InitFlags::FUSE_POSIX_ACL);
+        // The umask is applied by the engine, and not under a default ACL on the HOST (the
+        // kernel would apply it always, narrowing the ACL's mask).
+        wanted.push(InitFlags::FUSE_DONT_MASK);
+        // Cached pages are dropped when a refresh of the attributes shows that the HOST
+        // changed the file (its size or modification time), also for open files.
+        wanted.push(InitFlags::FUSE_AUTO_INVAL_DATA);
+        // Shared mappings of direct_io files (databases' shared-memory files, bbolt): the
+        // kernel maps them through its page cache, as without direct_io.
+        wanted.push(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if self.inner.opts.writeback {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
@@ -1175,6 +1244,10 @@ impl Filesystem for QtfsClient {
             reply.attr(&Duration::ZERO, &self.proc_attr(ino.0, &t));
             return;
         }
+        if let Some((a, ttl)) = self.changed_dir_attr(ino.0) {
+            reply.attr(&ttl, &a);
+            return;
+        }
         let node = self.node(ino);
         self.call(
             Request::Getattr {
@@ -1210,6 +1283,7 @@ impl Filesystem for QtfsClient {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.forget_dir_attr(ino.0);
         // With `writeback` the kernel sends UTIME_NOW (`touch`) as its own clock's time, which
         // only the owner may set, where "now" needs only write permission. That time is also
         // the ctime it sends, which an explicit time never is. Time write-backs bring a
@@ -1336,6 +1410,24 @@ impl Filesystem for QtfsClient {
             }
             me.reply_entry(r, parent.0, &name_b, reply)
         });
+    }
+
+    /// No file here is a terminal, and the HOST's file ioctls are not forwarded: ENOTTY, a
+    /// local file system's answer to an ioctl it does not know. (`isatty()`, which Python's
+    /// `open` and many programs call on every file, asks with TCGETS; the default answer
+    /// logged a warning each time.)
+    fn ioctl(
+        &self,
+        _req: &FuseRequest,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 
     fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1613,6 +1705,27 @@ impl Filesystem for QtfsClient {
             Ok(buf) => {
                 let ttl = me.inner.opts.entry_ttl;
                 me.dir_serve(fh.0, buf, |me, e| {
+                    // Proc mode: the names a lookup answers here (`self`, `thread-self`, this
+                    // machine's own processes) must not be linked to the HOST's entries by a
+                    // listing, or `self` would become the engine's process until it expired.
+                    let local = (me.inner.opts.proc_mode && ino.0 == 1)
+                        .then(|| me.proc_lookup(OsStr::from_bytes(&e.name)))
+                        .flatten();
+                    if let Some((pino, target)) = local {
+                        let full = reply.add(
+                            INodeNo(pino),
+                            e.offset,
+                            OsStr::from_bytes(&e.name),
+                            &Duration::ZERO,
+                            &me.proc_attr(pino, &target),
+                            Generation(0),
+                        );
+                        if let (false, Some(en)) = (full, &e.entry) {
+                            // The engine counted a lookup the kernel will never forget.
+                            me.forget_later(&[(en.node, 1)]);
+                        }
+                        return full;
+                    }
                     let attr = match &e.entry {
                         Some(en) => me.file_attr(en.node, &en.attr),
                         // `.` and `..`: the kernel does not link these, so no lookup is
@@ -1705,6 +1818,7 @@ impl Filesystem for QtfsClient {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.forget_dir_attr(ino.0);
         self.forget_absent_xattrs(self.node(ino));
         let r = Request::Setxattr {
             node: self.node(ino),
@@ -1761,6 +1875,7 @@ impl Filesystem for QtfsClient {
     }
 
     fn removexattr(&self, req: &FuseRequest, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.forget_dir_attr(ino.0);
         self.forget_absent_xattrs(self.node(ino));
         let r = Request::Removexattr {
             node: self.node(ino),

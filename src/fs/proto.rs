@@ -67,6 +67,10 @@ pub mod mount_flags {
     pub const READ_ONLY: u32 = 1;
     /// Map caller uid 0 to nobody (65534) and gid 0 to nogroup (65534).
     pub const ROOT_SQUASH: u32 = 2;
+    /// Answer a change inside directories (create, mknod, mkdir, symlink, link, unlink,
+    /// rmdir, rename) with the directories' attributes after it ([`Response::InDirs`]). An
+    /// engine that does not know the flag ignores it and answers as before.
+    pub const DIR_ATTRS: u32 = 4;
 }
 
 /// Open-reply flags from the engine.
@@ -409,7 +413,17 @@ pub enum Response {
     Lock(Lock),
     Offset(i64),
     Dir(Vec<DirEntry>),
+    /// The answer to a change inside directories, followed by those directories' attributes
+    /// right after it (node, attributes): at most [`MAX_CHANGED_DIRS`]. Only for a mount that
+    /// asked ([`mount_flags::DIR_ATTRS`]).
+    InDirs {
+        inner: Box<Response>,
+        dirs: Vec<(u64, Attr)>,
+    },
 }
+
+/// Directories one change touches: a rename's two parents.
+pub const MAX_CHANGED_DIRS: usize = 2;
 
 /// A payload that does not decode. The engine answers EINVAL (EPROTO on the client side).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1172,22 +1186,31 @@ pub fn dirent_cost(name_len: usize, plus: bool) -> usize {
 
 impl Response {
     pub fn encode(&self) -> Bytes {
+        // Raw data needs no copy: it is the whole payload.
+        if let Response::Data(d) = self {
+            return d.clone();
+        }
         let mut b = BytesMut::new();
+        self.put(&mut b);
+        b.freeze()
+    }
+
+    fn put(&self, b: &mut BytesMut) {
+        let b = &mut *b;
         match self {
             Response::Empty => {}
-            Response::Entry(e) => put_entry(&mut b, e),
-            Response::Attr(a) => put_attr(&mut b, a),
+            Response::Entry(e) => put_entry(b, e),
+            Response::Attr(a) => put_attr(b, a),
             Response::Opened { fh, flags } => {
                 b.put_u64_le(*fh);
                 b.put_u32_le(*flags);
             }
             Response::Created { entry, fh, flags } => {
-                put_entry(&mut b, entry);
+                put_entry(b, entry);
                 b.put_u64_le(*fh);
                 b.put_u32_le(*flags);
             }
-            // Raw data needs no copy: it is the whole payload.
-            Response::Data(d) => return d.clone(),
+            Response::Data(d) => b.extend_from_slice(d),
             Response::Count(n) => b.put_u64_le(*n),
             Response::Written { count, killed } => {
                 b.put_u64_le(*count);
@@ -1203,7 +1226,7 @@ impl Response {
                 b.put_u32_le(s.namelen);
                 b.put_u32_le(s.frsize);
             }
-            Response::Lock(l) => put_lock(&mut b, l),
+            Response::Lock(l) => put_lock(b, l),
             Response::Offset(o) => b.put_i64_le(*o),
             Response::Dir(entries) => {
                 b.put_u32_le(entries.len() as u32);
@@ -1211,18 +1234,25 @@ impl Response {
                     b.put_u64_le(e.ino);
                     b.put_u64_le(e.offset);
                     b.put_u8(e.kind);
-                    put_bytes(&mut b, &e.name);
+                    put_bytes(b, &e.name);
                     match &e.entry {
                         Some(en) => {
                             b.put_u8(1);
-                            put_entry(&mut b, en);
+                            put_entry(b, en);
                         }
                         None => b.put_u8(0),
                     }
                 }
             }
+            Response::InDirs { inner, dirs } => {
+                inner.put(b);
+                b.put_u8(dirs.len() as u8);
+                for (node, a) in dirs {
+                    b.put_u64_le(*node);
+                    put_attr(b, a);
+                }
+            }
         }
-        b.freeze()
     }
 
     /// Decodes the response to a request sent under `op`.
@@ -1302,6 +1332,36 @@ impl Response {
             | op::FALLOCATE
             | op::RESERVE => Response::Empty,
             other => return Err(DecodeError::UnknownOp(other)),
+        };
+        let changes_dirs = matches!(
+            op,
+            op::CREATE
+                | op::MKNOD
+                | op::MKDIR
+                | op::SYMLINK
+                | op::LINK
+                | op::UNLINK
+                | op::RMDIR
+                | op::RENAME
+        );
+        let resp = if changes_dirs && r.remaining() > 0 {
+            let n = r.u8("changed dirs")? as usize;
+            if n > MAX_CHANGED_DIRS {
+                return Err(DecodeError::BadValue {
+                    what: "changed dirs",
+                    value: n as u64,
+                });
+            }
+            let mut dirs = Vec::with_capacity(n);
+            for _ in 0..n {
+                dirs.push((r.u64("changed dir")?, r.attr()?));
+            }
+            Response::InDirs {
+                inner: Box::new(resp),
+                dirs,
+            }
+        } else {
+            resp
         };
         r.finish()?;
         Ok(resp)
@@ -1625,11 +1685,45 @@ mod tests {
                     },
                 ]),
             ),
+            (
+                op::CREATE,
+                Response::InDirs {
+                    inner: Box::new(Response::Created {
+                        entry: e,
+                        fh: 4,
+                        flags: 0,
+                    }),
+                    dirs: vec![(2, attr())],
+                },
+            ),
+            (
+                op::RENAME,
+                Response::InDirs {
+                    inner: Box::new(Response::Empty),
+                    dirs: vec![(2, attr()), (3, attr())],
+                },
+            ),
+            (
+                op::MKDIR,
+                Response::InDirs {
+                    inner: Box::new(Response::Entry(e)),
+                    dirs: vec![],
+                },
+            ),
         ];
         for (o, resp) in cases {
             let bytes = resp.encode();
             assert_eq!(Response::decode(o, &bytes).unwrap(), resp, "op {o:#x}");
         }
+        // Directory attributes follow only changes, and at most two of them.
+        let dirs = |n: usize| Response::InDirs {
+            inner: Box::new(Response::Empty),
+            dirs: vec![(2, attr()); n],
+        };
+        assert!(Response::decode(op::SETXATTR, &dirs(1).encode()).is_err());
+        assert!(Response::decode(op::UNLINK, &dirs(3).encode()).is_err());
+        let cut = dirs(1).encode();
+        assert!(Response::decode(op::UNLINK, &cut.slice(..cut.len() - 1)).is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Largest read the engine serves in one request (the client asks for at most max_read).
@@ -363,6 +363,25 @@ fn reopened_as(node: u64, flags: i32, dir: bool) -> Request {
     }
 }
 
+/// The directories a request changes: the parent, and a rename's or link's new parent
+/// when it is another directory.
+fn changed_dirs(req: &Request) -> [Option<u64>; proto::MAX_CHANGED_DIRS] {
+    use Request::*;
+    match req {
+        Create { parent, .. }
+        | Mknod { parent, .. }
+        | Mkdir { parent, .. }
+        | Symlink { parent, .. }
+        | Unlink { parent, .. }
+        | Rmdir { parent, .. } => [Some(*parent), None],
+        Link { newparent, .. } => [Some(*newparent), None],
+        Rename {
+            parent, newparent, ..
+        } => [Some(*parent), (newparent != parent).then_some(*newparent)],
+        _ => [None, None],
+    }
+}
+
 /// Largest node or handle id a reconnecting client may ask for: far above what a connection
 /// allocates, far below where the id counter would wrap (or the client's synthetic inodes).
 const MAX_CLIENT_ID: u64 = 1 << 48;
@@ -392,8 +411,11 @@ struct Handle {
     mount: usize,
     /// Serialises lseek+getdents on directory handles (the fd offset is shared).
     dir: Mutex<()>,
-    /// Set once a POSIX lock was taken through this handle, so flush knows to unlock.
-    locked: AtomicBool,
+    /// The lock owners (the DPU kernel's ids of the processes' file tables, or of an open
+    /// file for OFD locks) that took a lock through this handle: only their flush, which a
+    /// close of any descriptor of theirs sends, releases it. A forked child that shares the
+    /// open file has an owner of its own, so its exit leaves its parent's lock alone.
+    lockers: Mutex<Vec<u64>>,
 }
 
 #[derive(Default)]
@@ -588,11 +610,51 @@ impl FsServer {
             Errno(libc::EINVAL)
         })?;
         let grant = self.gate(creds, &req)?;
+        let dirs = changed_dirs(&req);
         let r = self.dispatch(grant, req).await;
         if let Err(Errno(libc::EMFILE | libc::ENFILE)) = r {
             self.out_of_fds();
         }
-        r.map(|r| r.encode())
+        r.map(|r| self.with_dir_attrs(r, dirs).encode())
+    }
+
+    /// `resp` followed by the attributes of the directories a change touched, for a mount
+    /// that asked ([`mount_flags::DIR_ATTRS`]): its kernel needs them (the mode, for its own
+    /// permission checks) before the next operation in the same directory, and would
+    /// otherwise ask with a GETATTR round trip each time.
+    fn with_dir_attrs(
+        &self,
+        resp: Response,
+        dirs: [Option<u64>; proto::MAX_CHANGED_DIRS],
+    ) -> Response {
+        let Some(first) = dirs[0] else {
+            return resp;
+        };
+        let fds: Vec<(u64, Arc<OwnedFd>)> = {
+            let t = self.lock();
+            let wanted = t.nodes.get(&first).is_some_and(|n| {
+                t.mounts
+                    .get(n.mount)
+                    .is_some_and(|m| m.flags & mount_flags::DIR_ATTRS != 0)
+            });
+            if !wanted {
+                return resp;
+            }
+            dirs.iter()
+                .flatten()
+                .filter_map(|d| t.nodes.get(d).map(|n| (*d, n.fd.clone())))
+                .collect()
+        };
+        // fstat of an O_PATH fd: no permission involved, and nothing that waits on a disk
+        // (the change just brought the inode into memory).
+        let dirs = fds
+            .into_iter()
+            .filter_map(|(d, fd)| sys::fstat(fd.as_raw_fd()).ok().map(|st| (d, attr_of(&st))))
+            .collect();
+        Response::InDirs {
+            inner: Box::new(resp),
+            dirs,
+        }
     }
 
     /// Says loudly (at most every 10 s) that a request failed for lack of
@@ -719,11 +781,19 @@ impl FsServer {
                 Some(*parent)
             }
             Link {
-                newparent, newname, ..
+                node,
+                newparent,
+                newname,
             } => {
                 check_name(newname)?;
                 modifies = true;
                 checks.push((T::Create, Target::Child(*newparent, newname)));
+                // A new name must not give the inode what its current name does not allow
+                // (a link from a read-only area into a writable one would make the file
+                // writable), so the source must pass every list a file is used under.
+                for t in [T::Open, T::Read, T::Write, T::Setattr, T::Setxattr] {
+                    checks.push((t, Target::Node(*node)));
+                }
                 Some(*newparent)
             }
             Mkdir { parent, name, .. } => {
@@ -953,7 +1023,7 @@ impl FsServer {
             fd,
             mount,
             dir: Mutex::new(()),
-            locked: AtomicBool::new(false),
+            lockers: Mutex::new(Vec::new()),
         };
         self.lock().files.insert(id, Arc::new(h));
         id
@@ -1276,7 +1346,7 @@ impl FsServer {
                 rdev,
             } => {
                 self.entry_after(creds, parent, name, move |d, c| {
-                    sys::mknodat(d, c, mode & !umask, rdev)
+                    sys::mknodat(d, c, mode & !sys::creation_umask(d, mode, umask), rdev)
                 })
                 .await
             }
@@ -1287,7 +1357,7 @@ impl FsServer {
                 umask,
             } => {
                 self.entry_after(creds, parent, name, move |d, c| {
-                    sys::mkdirat(d, c, mode & !umask & 0o7777)
+                    sys::mkdirat(d, c, mode & !sys::creation_umask(d, mode, umask) & 0o7777)
                 })
                 .await
             }
@@ -1374,6 +1444,7 @@ impl FsServer {
                     move || {
                         let c = sys::cstr(&name)?;
                         let extra = if nonblock { libc::O_NONBLOCK } else { 0 };
+                        let umask = sys::creation_umask(pfd.as_raw_fd(), mode, umask);
                         let f = sys::openat2(
                             pfd.as_raw_fd(),
                             &c,
@@ -1415,12 +1486,14 @@ impl FsServer {
                 let (fd, mount) = self.node(node)?;
                 let dir = pool
                     .run(Some(creds), move || {
-                        sys::openat2(
-                            fd.as_raw_fd(),
-                            c".",
+                        // The very inode behind the O_PATH fd, as for files: listing needs
+                        // read permission on the directory, not search (a lookup of "."
+                        // would need both).
+                        sys::openat(
+                            libc::AT_FDCWD,
+                            &sys::proc_fd_path(fd.as_raw_fd()),
                             libc::O_RDONLY | libc::O_DIRECTORY,
                             0,
-                            libc::RESOLVE_BENEATH,
                         )
                     })
                     .await?;
@@ -1435,7 +1508,7 @@ impl FsServer {
                 size,
                 plus,
                 ..
-            } => self.readdir(creds, fh, offset, size, plus).await,
+            } => self.readdir(fh, offset, size, plus).await,
             Statfs { node } => {
                 let (fd, _) = self.node(node)?;
                 let s = pool
@@ -1582,9 +1655,15 @@ impl FsServer {
                     killed: false,
                 })
             }
-            Flush { fh, .. } => {
+            Flush { fh, owner } => {
                 let h = self.handle_of(fh)?;
-                if h.locked.load(Ordering::Relaxed) {
+                let held = {
+                    let mut lockers = h.lockers.lock().unwrap_or_else(|e| e.into_inner());
+                    let held = lockers.contains(&owner);
+                    lockers.retain(|o| *o != owner);
+                    held
+                };
+                if held {
                     // close() drops a process's POSIX locks; release this handle's.
                     pool.run(None, move || {
                         let mut fl = flock_of(&Lock {
@@ -1632,13 +1711,16 @@ impl FsServer {
                     pid: 0,
                 }))
             }
-            Setlk { fh, lock, .. } => {
+            Setlk { fh, owner, lock } => {
                 let h = self.handle_of(fh)?;
                 pool.run(None, move || {
                     let mut fl = flock_of(&lock);
                     sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)?;
                     if lock.typ != libc::F_UNLCK {
-                        h.locked.store(true, Ordering::Relaxed);
+                        let mut lockers = h.lockers.lock().unwrap_or_else(|e| e.into_inner());
+                        if !lockers.contains(&owner) {
+                            lockers.push(owner);
+                        }
                     }
                     Ok(())
                 })
@@ -1713,7 +1795,6 @@ impl FsServer {
     /// readdirplus every entry but `.`/`..` is looked up (and counted as a lookup).
     async fn readdir(
         &self,
-        creds: Creds,
         fh: u64,
         offset: u64,
         size: u32,
@@ -1724,9 +1805,15 @@ impl FsServer {
         let mount = h.mount;
         // The client chooses the batch; cap it so one request cannot make a huge answer.
         let size = size.min(proto::MAX_READDIR_BATCH);
+        // The caller's read permission was checked when the handle was opened. The entries'
+        // attributes are looked up as the engine: a caller may list a directory it may not
+        // search (mode r--), where a stat as the caller would fail the whole listing. The
+        // DPU kernel gets no more than the names from them (its own permission checks,
+        // default_permissions, refuse a path through such a directory).
+        let own = self.pool.own.clone();
         let raw = self
             .pool
-            .run(Some(creds.clone()), move || {
+            .run(Some(own.clone()), move || {
                 let _g = h.dir.lock().unwrap_or_else(|e| e.into_inner());
                 let fd = h.fd.as_raw_fd();
                 sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
@@ -1802,7 +1889,7 @@ impl FsServer {
         }
         let opened = self
             .pool
-            .run(Some(creds), move || {
+            .run(Some(own), move || {
                 let fd = dir.fd.as_raw_fd();
                 let mut out = Vec::with_capacity(unknown.len());
                 for (i, name) in unknown {

@@ -394,6 +394,23 @@ pub fn getxattr(fd: RawFd, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     })
 }
 
+/// Whether the directory behind `dir` has a default POSIX ACL, which (as on a local file
+/// system) replaces the creator's umask for what is made in it.
+pub fn has_default_acl(dir: RawFd) -> bool {
+    getxattr(dir, c"system.posix_acl_default", &mut []).is_ok_and(|n| n > 0)
+}
+
+/// The creator's `umask` as the HOST applies it to a new entry of `mode` in `dir`: not at
+/// all under a default ACL (the mount asks the kernel to leave masking to us, as it cannot
+/// know about the HOST's ACLs).
+pub fn creation_umask(dir: RawFd, mode: u32, umask: u32) -> u32 {
+    if mode & umask & 0o777 != 0 && has_default_acl(dir) {
+        0
+    } else {
+        umask
+    }
+}
+
 pub fn listxattr(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     let p = proc_fd_path(fd);
     // SAFETY: as getxattr.
@@ -512,8 +529,8 @@ pub fn set_fl(fd: RawFd, flags: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Gives this thread its own umask and cwd (CLONE_FS) and sets the umask to 0, so the
-/// client's mode bits (already masked by the DPU kernel) apply unchanged on the HOST.
+/// Gives this thread its own umask and cwd (CLONE_FS) and sets the umask to 0, so the mode
+/// bits the engine computed (see [`creation_umask`]) apply unchanged on the HOST.
 pub fn private_fs_umask_zero() -> io::Result<()> {
     // SAFETY: unshare(CLONE_FS) affects only the calling thread's fs_struct.
     cvt(unsafe { libc::unshare(libc::CLONE_FS) })?;
