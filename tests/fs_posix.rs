@@ -2096,3 +2096,26 @@ fn a_childs_exit_leaves_its_parents_lock_alone() {
         "the holder's close released the lock"
     );
 }
+
+/// A file deleted on the HOST while the DPU kernel still holds its name (a long
+/// `entry_timeout`) is gone for a new open, as locally: the kernel looks the name up again.
+/// A file the DPU holds open stays readable after the HOST deletes it.
+#[test]
+fn a_file_deleted_on_the_host_cannot_be_opened_by_its_old_name() {
+    let Some(fx) = setup_opts(ClientOptions {
+        entry_ttl: Duration::from_secs(30),
+        attr_ttl: Duration::from_secs(30),
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    fs::write(fx.export().join("gone"), b"old").unwrap();
+    assert_eq!(fs::read(fx.mnt().join("gone")).unwrap(), b"old");
+    let mut held = File::open(fx.mnt().join("gone")).unwrap();
+    fs::remove_file(fx.export().join("gone")).unwrap();
+    assert_eq!(code(File::open(fx.mnt().join("gone"))), libc::ENOENT);
+    let mut s = String::new();
+    held.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "old");
+    assert_eq!(held.metadata().unwrap().nlink(), 0);
+}

@@ -1412,6 +1412,13 @@ impl FsServer {
                                 & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
                             0,
                         )?;
+                        // A file deleted on the HOST while the DPU kernel still had its
+                        // name: ESTALE makes the kernel look the path up again (and find it
+                        // gone), where an open would succeed on the deleted file.
+                        let st = sys::fstat(f.as_raw_fd())?;
+                        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 0 {
+                            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+                        }
                         // f_type is signed in glibc and unsigned in musl.
                         #[allow(clippy::useless_conversion)]
                         let pseudo = sys::fstatfs(f.as_raw_fd())
