@@ -915,40 +915,45 @@ fn writes_by_others_clear_setuid_and_setgid_as_locally() {
     }
 }
 
-#[test]
-fn posix_locks_reach_the_host_and_flock_works_locally() {
-    let Some(fx) = setup() else { return };
-    fs::write(fx.export().join("l"), b"lock me").unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.mnt().join("l"))
-        .unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as i16,
+/// A POSIX lock record covering the whole file.
+fn whole_file(typ: i32) -> libc::flock {
+    libc::flock {
+        l_type: typ as i16,
         l_whence: libc::SEEK_SET as i16,
         l_start: 0,
         l_len: 0,
         l_pid: 0,
-    };
+    }
+}
+
+/// `name`, written on the HOST, opened read-write through the mount and write-locked.
+fn write_locked(fx: &common::Fixture, name: &str) -> File {
+    fs::write(fx.export().join(name), b"lock me").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join(name))
+        .unwrap();
+    let mut fl = whole_file(libc::F_WRLCK);
     // SAFETY: valid flock pointer.
     assert_eq!(
         errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) }),
         0
     );
+    f
+}
+
+#[test]
+fn posix_locks_reach_the_host_and_flock_works_locally() {
+    let Some(fx) = setup() else { return };
+    let f = write_locked(&fx, "l");
     // A HOST process sees the lock.
     let h = OpenOptions::new()
         .read(true)
         .write(true)
         .open(fx.export().join("l"))
         .unwrap();
-    let mut q = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
+    let mut q = whole_file(libc::F_WRLCK);
     // SAFETY: valid flock pointer.
     assert_eq!(
         errno_of(unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) }),
@@ -956,13 +961,7 @@ fn posix_locks_reach_the_host_and_flock_works_locally() {
     );
     assert_eq!(q.l_type, libc::F_WRLCK as i16);
     drop(f);
-    let mut q = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
+    let mut q = whole_file(libc::F_WRLCK);
     // SAFETY: valid flock pointer.
     unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) };
     assert_eq!(q.l_type, libc::F_UNLCK as i16, "close released the lock");
@@ -2031,13 +2030,7 @@ fn changes_in_a_directory_need_no_attribute_round_trips() {
 /// The lock a HOST process sees on `p`: F_WRLCK, F_RDLCK or F_UNLCK.
 fn host_sees_lock(p: &Path) -> i16 {
     let h = OpenOptions::new().read(true).write(true).open(p).unwrap();
-    let mut q = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
+    let mut q = whole_file(libc::F_WRLCK);
     // SAFETY: valid flock pointer on an owned fd.
     assert_eq!(
         errno_of(unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_GETLK, &mut q) }),
@@ -2051,24 +2044,7 @@ fn host_sees_lock(p: &Path) -> i16 {
 #[test]
 fn a_childs_exit_leaves_its_parents_lock_alone() {
     let Some(fx) = setup() else { return };
-    fs::write(fx.export().join("l"), b"lock me").unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.mnt().join("l"))
-        .unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    // SAFETY: valid flock pointer.
-    assert_eq!(
-        errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) }),
-        0
-    );
+    let f = write_locked(&fx, "l");
     // SAFETY: the child only calls _exit (async-signal-safe), which closes its copy of the
     // descriptor: the DPU kernel sends a flush with the child's lock owner.
     let pid = unsafe { libc::fork() };
