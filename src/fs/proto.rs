@@ -68,7 +68,7 @@ pub mod mount_flags {
     /// Map caller uid 0 to nobody (65534) and gid 0 to nogroup (65534).
     pub const ROOT_SQUASH: u32 = 2;
     /// Answer a change inside directories (create, mknod, mkdir, symlink, link, unlink,
-    /// rmdir, rename) with the directories' attributes after it ([`Response::InDirs`]). An
+    /// rmdir, rename) with the directories' attributes after it ([`super::Response::InDirs`]). An
     /// engine that does not know the flag ignores it and answers as before.
     pub const DIR_ATTRS: u32 = 4;
 }
