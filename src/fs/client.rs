@@ -248,6 +248,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Inserts into one of the mount's caches, which start afresh once they hold `max` entries
+/// (they only save round trips, so losing them costs nothing but time).
+fn insert_bounded<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, max: usize, k: K, v: V) {
+    if map.len() >= max {
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
 /// Credentials for fd-based ops, which the engine does not check (the open did).
 fn no_creds() -> Creds {
     Creds::default()
@@ -536,11 +545,12 @@ impl QtfsClient {
             Some(g) => g,
             None => {
                 let g: Arc<[u32]> = groups_of(pid).into();
-                let mut cache = lock(&self.inner.groups);
-                if cache.len() >= GROUPS_CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(key, (now, g.clone()));
+                insert_bounded(
+                    &mut lock(&self.inner.groups),
+                    GROUPS_CACHE_MAX,
+                    key,
+                    (now, g.clone()),
+                );
                 g
             }
         };
@@ -706,11 +716,12 @@ impl QtfsClient {
     fn file_attr(&self, node: u64, a: &Attr) -> FileAttr {
         let attr = self.convert_attr(node, a);
         if self.inner.opts.writeback {
-            let mut cache = lock(&self.inner.attrs);
-            if cache.len() >= ATTRS_CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(attr.ino.0, (attr, Instant::now()));
+            insert_bounded(
+                &mut lock(&self.inner.attrs),
+                ATTRS_CACHE_MAX,
+                attr.ino.0,
+                (attr, Instant::now()),
+            );
         }
         attr
     }
@@ -723,27 +734,26 @@ impl QtfsClient {
             return resp;
         };
         let now = Instant::now();
-        for (node, a) in dirs {
-            let attr = self.file_attr(node, &a);
-            let mut cache = lock(&self.inner.dir_attrs);
-            if cache.len() >= ATTRS_CACHE_MAX {
-                cache.clear();
-            }
+        let attrs: Vec<FileAttr> = dirs
+            .iter()
+            .map(|(node, a)| self.file_attr(*node, a))
+            .collect();
+        let mut cache = lock(&self.inner.dir_attrs);
+        for attr in attrs {
             let newer = cache
                 .get(&attr.ino.0)
                 .map_or(true, |(old, _)| old.ctime <= attr.ctime);
             if newer {
-                cache.insert(attr.ino.0, (attr, now));
+                insert_bounded(&mut cache, ATTRS_CACHE_MAX, attr.ino.0, (attr, now));
             }
         }
         *inner
     }
 
     /// The attributes a change through this mount left directory `ino` with, if the
-    /// engine gave them less than `attr_ttl` ago; used once (the kernel keeps them for the
-    /// TTL), and the next change gives new ones.
-    /// Returns them with what is left of the TTL, so the kernel holds them no longer than
-    /// `attr_ttl` after the engine read them.
+    /// engine gave them less than `attr_ttl` ago, and what is left of that TTL (so the
+    /// kernel holds them no longer than `attr_ttl` after the engine read them). Each is used
+    /// once: the kernel keeps it, and the next change brings new ones.
     fn changed_dir_attr(&self, ino: u64) -> Option<(FileAttr, Duration)> {
         let (attr, at) = lock(&self.inner.dir_attrs).remove(&ino)?;
         let left = self.inner.opts.attr_ttl.checked_sub(at.elapsed())?;
@@ -1853,11 +1863,12 @@ impl Filesystem for QtfsClient {
         };
         self.call(r, self.creds_of(req), move |me, r| {
             if r == Err(libc::ENODATA) && !ttl.is_zero() {
-                let mut absent = lock(&me.inner.xattr_absent);
-                if absent.len() >= XATTR_ABSENT_MAX {
-                    absent.clear();
-                }
-                absent.insert(key, Instant::now());
+                insert_bounded(
+                    &mut lock(&me.inner.xattr_absent),
+                    XATTR_ABSENT_MAX,
+                    key,
+                    Instant::now(),
+                );
             }
             reply_xattr(r, size, reply)
         });

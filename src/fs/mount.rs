@@ -722,8 +722,8 @@ fn detach_if_ours(local: &Path, ours: Option<(u32, u32)>) -> bool {
 /// The device (major, minor) of the topmost mount on `path` in this mount namespace, from
 /// /proc/self/mountinfo (no call into the mount itself, which may be ours and busy).
 fn top_mount_dev(path: &Path) -> Option<(u32, u32)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     use std::os::unix::ffi::OsStrExt;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     top_mount_dev_in(&info, path.as_os_str().as_bytes())
 }
 

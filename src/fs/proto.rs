@@ -1196,7 +1196,6 @@ impl Response {
     }
 
     fn put(&self, b: &mut BytesMut) {
-        let b = &mut *b;
         match self {
             Response::Empty => {}
             Response::Entry(e) => put_entry(b, e),

@@ -1666,9 +1666,9 @@ impl FsServer {
                 let h = self.handle_of(fh)?;
                 let held = {
                     let mut lockers = h.lockers.lock().unwrap_or_else(|e| e.into_inner());
-                    let held = lockers.contains(&owner);
+                    let before = lockers.len();
                     lockers.retain(|o| *o != owner);
-                    held
+                    lockers.len() != before
                 };
                 if held {
                     // close() drops a process's POSIX locks; release this handle's.
