@@ -2073,6 +2073,109 @@ fn a_childs_exit_leaves_its_parents_lock_alone() {
     );
 }
 
+/// Lock owners are processes, as locally: a forked child cannot take the lock its parent
+/// holds through their shared open file, and F_GETLK names the parent; one process's two
+/// opens of a file share its locks, and closing either releases them all; a read lock
+/// taken through a read-only open becomes a write lock through a read-write one.
+#[test]
+fn posix_lock_owners_are_processes_as_locally() {
+    let Some(fx) = setup() else { return };
+    let f = write_locked(&fx, "l");
+    let mut pipe = [0; 2];
+    // SAFETY: valid array of two fds.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the child calls only fcntl, write and _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // First let go of the copies of everything else (the in-process engine's lock
+        // holders among them), which would keep other tests' locks alive.
+        let (a, b) = (f.as_raw_fd().min(pipe[1]), f.as_raw_fd().max(pipe[1]));
+        for (lo, hi) in [(3, a - 1), (a + 1, b - 1), (b + 1, libc::c_int::MAX)] {
+            if lo <= hi {
+                unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0) };
+            }
+        }
+        let mut fl = whole_file(libc::F_WRLCK);
+        let e = errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) });
+        let mut q = whole_file(libc::F_WRLCK);
+        let g = errno_of(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut q) });
+        let out = [e, g, i32::from(q.l_type), q.l_pid];
+        unsafe {
+            libc::write(pipe[1], out.as_ptr().cast(), std::mem::size_of_val(&out));
+            libc::_exit(0)
+        };
+    }
+    assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let mut out = [0i32; 4];
+    // SAFETY: reading into a local array of its own size.
+    let n = unsafe {
+        libc::read(
+            pipe[0],
+            out.as_mut_ptr().cast(),
+            std::mem::size_of_val(&out),
+        )
+    };
+    // SAFETY: our own pipe fds.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+    assert_eq!(n as usize, std::mem::size_of_val(&out));
+    let [set, get, typ, holder] = out;
+    assert!(
+        set == libc::EAGAIN || set == libc::EACCES,
+        "the child took the lock its parent holds (errno {set})"
+    );
+    assert_eq!((get, typ), (0, libc::F_WRLCK), "F_GETLK in the child");
+    assert_eq!(
+        holder,
+        std::process::id() as i32,
+        "F_GETLK names the parent"
+    );
+
+    let g = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join("l"))
+        .unwrap();
+    let mut fl = whole_file(libc::F_WRLCK);
+    // SAFETY: valid flock pointer on an owned fd.
+    let e = errno_of(unsafe { libc::fcntl(g.as_raw_fd(), libc::F_SETLK, &mut fl) });
+    assert_eq!(e, 0, "one process's second open conflicts with its first");
+    drop(g);
+    let l = fx.export().join("l");
+    assert_eq!(host_sees_lock(&l), libc::F_UNLCK as i16, "a close released");
+    drop(f);
+
+    let r = File::open(fx.mnt().join("l")).unwrap();
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt().join("l"))
+        .unwrap();
+    let mut fl = whole_file(libc::F_RDLCK);
+    fl.l_len = 4;
+    // SAFETY: valid flock pointers on owned fds.
+    unsafe {
+        assert_eq!(
+            errno_of(libc::fcntl(r.as_raw_fd(), libc::F_SETLK, &mut fl)),
+            0
+        );
+        assert_eq!(host_sees_lock(&l), libc::F_RDLCK as i16);
+        fl.l_type = libc::F_WRLCK as i16;
+        assert_eq!(
+            errno_of(libc::fcntl(w.as_raw_fd(), libc::F_SETLK, &mut fl)),
+            0
+        );
+    }
+    assert_eq!(host_sees_lock(&l), libc::F_WRLCK as i16);
+    drop(r);
+    assert_eq!(host_sees_lock(&l), libc::F_UNLCK as i16);
+}
+
 /// A file deleted on the HOST while the DPU kernel still holds its name (a long
 /// `entry_timeout`) is gone for a new open, as locally: the kernel looks the name up again.
 /// A file the DPU holds open stays readable after the HOST deletes it.

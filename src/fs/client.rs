@@ -23,7 +23,7 @@ use fuser::{
     ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request as FuseRequest, TimeOrNow, WriteFlags,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -118,10 +118,11 @@ struct Inner {
     /// [`GROUPS_TTL`]: reading /proc/<pid>/status costs more than a local stat. (The DPU
     /// kernel checks permissions with the caller's current groups first.)
     groups: Mutex<HashMap<(u32, u32, u32), CachedGroups>>,
-    /// File handles on which a lock was requested: only their flush needs the engine
-    /// (it drops POSIX locks, as close does); other flushes are answered here, because
+    /// Files (inos) on which a lock was requested, with the handles it came through: only
+    /// a flush of such a file needs the engine (a close of any of a process's descriptors
+    /// of a file drops its POSIX locks there); other flushes are answered here, because
     /// writes are already on the HOST when they complete (writeback flushes pages first).
-    locked: Mutex<HashSet<u64>>,
+    locked: Mutex<HashMap<u64, Vec<u64>>>,
     /// Directory entries fetched ahead per directory handle (see [`DirBuf`]).
     dirs: Mutex<HashMap<u64, DirBuf>>,
     stats: Arc<MountStats>,
@@ -429,7 +430,7 @@ impl QtfsClient {
                 generation: AtomicU64::new(0),
                 waited_out: AtomicBool::new(false),
                 groups: Mutex::new(HashMap::new()),
-                locked: Mutex::new(HashSet::new()),
+                locked: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 stats: Arc::new(MountStats::new()),
                 xattr_absent: Mutex::new(HashMap::new()),
@@ -1612,12 +1613,12 @@ impl Filesystem for QtfsClient {
     fn flush(
         &self,
         _req: &FuseRequest,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if !lock(&self.inner.locked).contains(&fh.0) {
+        if !lock(&self.inner.locked).contains_key(&ino.0) {
             return reply.ok();
         }
         self.call(
@@ -1633,14 +1634,22 @@ impl Filesystem for QtfsClient {
     fn release(
         &self,
         _req: &FuseRequest,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.inner.locked).remove(&fh.0);
+        {
+            let mut locked = lock(&self.inner.locked);
+            if let Some(handles) = locked.get_mut(&ino.0) {
+                handles.retain(|h| *h != fh.0);
+                if handles.is_empty() {
+                    locked.remove(&ino.0);
+                }
+            }
+        }
         lock(&self.inner.known).released(fh.0);
         self.call(Request::Release { fh: fh.0 }, no_creds(), |_, r| {
             Self::reply_empty(r, reply)
@@ -1982,7 +1991,7 @@ impl Filesystem for QtfsClient {
     fn setlk(
         &self,
         _req: &FuseRequest,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
@@ -1993,7 +2002,13 @@ impl Filesystem for QtfsClient {
         reply: ReplyEmpty,
     ) {
         // Before the request: a flush racing with it must go to the engine.
-        lock(&self.inner.locked).insert(fh.0);
+        {
+            let mut locked = lock(&self.inner.locked);
+            let handles = locked.entry(ino.0).or_default();
+            if !handles.contains(&fh.0) {
+                handles.push(fh.0);
+            }
+        }
         let req = Request::Setlk {
             fh: fh.0,
             owner: lock_owner.0,

@@ -9,6 +9,7 @@
 //! - [`mount`]: `mount.qtfs` / `dpuctl mount`: option parsing, daemonising, one process per
 //!   mount, and its control socket (`mount-<pid>.ctl`).
 //! - [`stats`]: per-operation counters and latency percentiles of a mount.
+//! - [`locks`]: DPU processes' POSIX and OFD locks, held on the HOST per owner and file.
 //! - [`known`]: what a mount hands back to a restarted engine (inodes the kernel holds, open
 //!   handles), kept up to date by the client.
 //!
@@ -24,6 +25,7 @@ pub mod client;
 pub mod fresh;
 pub mod known;
 pub mod link;
+pub mod locks;
 pub mod mount;
 pub mod proto;
 pub mod server;

@@ -20,6 +20,7 @@
 //! so a slow read occupies one thread while stats proceed on the others. Table mutexes are
 //! held only for map operations, never across a syscall or an await.
 
+use super::locks::{self, FileKey, LockTable};
 use super::proto::{
     self, mount_flags, set, write_flags, Attr, Creds, DirEntry, Entry, Lock, Request, Response,
     SetTime, Time,
@@ -411,11 +412,6 @@ struct Handle {
     mount: usize,
     /// Serialises lseek+getdents on directory handles (the fd offset is shared).
     dir: Mutex<()>,
-    /// The lock owners (the DPU kernel's ids of the processes' file tables, or of an open
-    /// file for OFD locks) that took a lock through this handle: only their flush, which a
-    /// close of any descriptor of theirs sends, releases it. A forked child that shares the
-    /// open file has an owner of its own, so its exit leaves its parent's lock alone.
-    lockers: Mutex<Vec<u64>>,
 }
 
 #[derive(Default)]
@@ -426,6 +422,8 @@ struct Tables {
     files: HashMap<u64, Arc<Handle>>,
     /// Node ids of mount roots (their `..` is themselves).
     roots: std::collections::HashSet<u64>,
+    /// The DPU lock owners' holders of HOST files.
+    locks: LockTable,
 }
 
 impl Tables {
@@ -469,6 +467,8 @@ pub struct FsServer {
     /// Node and handle tables; locked only for map operations.
     tables: Mutex<Tables>,
     next_id: AtomicU64,
+    /// Held while a lock holder is opened, so two threads of one owner never open two.
+    holder_opening: tokio::sync::Mutex<()>,
 }
 
 /// What the gate resolved for dispatch.
@@ -586,6 +586,7 @@ impl FsServer {
             tables: Mutex::new(Tables::default()),
             // Node and handle ids share one counter; 1 is never used (FUSE's root ino).
             next_id: AtomicU64::new(2),
+            holder_opening: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -1023,10 +1024,60 @@ impl FsServer {
             fd,
             mount,
             dir: Mutex::new(()),
-            lockers: Mutex::new(Vec::new()),
         };
         self.lock().files.insert(id, Arc::new(h));
         id
+    }
+
+    /// The HOST file handle `h` is open on, when DPU processes can lock it through qtfs:
+    /// regular files and FIFOs (re-opening anything else could have side effects).
+    fn lockable(h: &Handle) -> Result<Option<FileKey>, Errno> {
+        let st = sys::fstat(h.fd.as_raw_fd())?;
+        let kind = st.st_mode & libc::S_IFMT;
+        Ok((kind == libc::S_IFREG || kind == libc::S_IFIFO).then_some((st.st_dev, st.st_ino)))
+    }
+
+    /// The open file that holds `owner`'s locks on `file` and can take `lock`, opened
+    /// (from handle `h`) when there is none yet or the one there is read-only.
+    async fn holder(
+        &self,
+        h: &Arc<Handle>,
+        fh: u64,
+        owner: u64,
+        file: FileKey,
+        lock: &Lock,
+    ) -> Result<Arc<OwnedFd>, Errno> {
+        let usable = |me: &Self| me.lock().locks.usable(owner, file, lock.typ, fh, lock.pid);
+        if let Some(fd) = usable(self) {
+            return Ok(fd);
+        }
+        let _opening = self.holder_opening.lock().await;
+        if let Some(fd) = usable(self) {
+            return Ok(fd);
+        }
+        let old = self.lock().locks.held_by(owner, file);
+        let (src, typ) = (h.clone(), lock.typ);
+        let (fd, mode) = self
+            .pool
+            .run(Some(self.pool.own.clone()), move || {
+                locks::open_holder(src.fd.as_raw_fd(), typ, old.as_ref().map(|o| o.as_raw_fd()))
+            })
+            .await?;
+        let fd = Arc::new(fd);
+        let replaced = self
+            .lock()
+            .locks
+            .insert(owner, file, fd.clone(), mode, fh, lock.pid);
+        if let Some(old) = replaced {
+            // Its locks moved to the new holder; closing it must not wait on a runtime thread.
+            self.pool
+                .run(None, move || {
+                    locks::let_go(old);
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(fd)
     }
 
     /// Resolves `name` beneath `dir` as an O_PATH node fd and stats it.
@@ -1664,30 +1715,36 @@ impl FsServer {
             }
             Flush { fh, owner } => {
                 let h = self.handle_of(fh)?;
-                let held = {
-                    let mut lockers = h.lockers.lock().unwrap_or_else(|e| e.into_inner());
-                    let before = lockers.len();
-                    lockers.retain(|o| *o != owner);
-                    lockers.len() != before
+                let holder = match Self::lockable(&h)? {
+                    Some(file) => self.lock().locks.flushed(owner, file),
+                    None => None,
                 };
-                if held {
-                    // close() drops a process's POSIX locks; release this handle's.
+                if let Some(holder) = holder {
+                    // A close of any of a process's descriptors of the file releases its
+                    // POSIX locks: closing the holder does, before close(2) returns there.
                     pool.run(None, move || {
-                        let mut fl = flock_of(&Lock {
-                            start: 0,
-                            end: u64::MAX,
-                            typ: libc::F_UNLCK,
-                            pid: 0,
-                        });
-                        sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+                        locks::let_go(holder);
+                        Ok(())
                     })
                     .await?;
                 }
                 Ok(Response::Empty)
             }
             Release { fh } => {
-                // Dropping the last Arc closes the fd (after any in-flight op on it).
-                self.lock().files.remove(&fh);
+                let (handle, holders) = {
+                    let mut t = self.lock();
+                    (t.files.remove(&fh), t.locks.released(fh))
+                };
+                // The last Arc closes the fd (after any in-flight op on it); holders of OFD
+                // locks go with the open file they were taken through.
+                drop(handle);
+                if !holders.is_empty() {
+                    pool.run(None, move || {
+                        holders.into_iter().for_each(locks::let_go);
+                        Ok(())
+                    })
+                    .await?;
+                }
                 Ok(Response::Empty)
             }
             Fsync { fh, datasync } => {
@@ -1696,13 +1753,25 @@ impl FsServer {
                     .await?;
                 Ok(Response::Empty)
             }
-            Getlk { fh, lock, .. } => {
+            Getlk { fh, owner, lock } => {
                 let h = self.handle_of(fh)?;
-                let fl = pool
+                let file = Self::lockable(&h)?.ok_or(Errno(libc::ENOLCK))?;
+                // Asked on the owner's own holder, its own locks conflict with nothing.
+                let (own, others) = {
+                    let t = self.lock();
+                    (t.locks.held_by(owner, file), t.locks.others(owner, file))
+                };
+                let (fl, pid) = pool
                     .run(None, move || {
+                        let fd = own.as_ref().map_or(h.fd.as_raw_fd(), |o| o.as_raw_fd());
                         let mut fl = flock_of(&lock);
-                        sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
-                        Ok(fl)
+                        sys::ofd_lock(fd, libc::F_OFD_GETLK, &mut fl)?;
+                        let pid = if i32::from(fl.l_type) == libc::F_UNLCK {
+                            0
+                        } else {
+                            locks::holder_pid(&others, &fl)
+                        };
+                        Ok((fl, pid))
                     })
                     .await?;
                 let end = if fl.l_len == 0 {
@@ -1710,26 +1779,29 @@ impl FsServer {
                 } else {
                     (fl.l_start + fl.l_len - 1) as u64
                 };
-                // OFD locks report no owning pid (-1); FUSE expects 0 for "unknown".
+                // A HOST process's lock has no DPU pid: FUSE takes 0 for "unknown".
                 Ok(Response::Lock(Lock {
                     start: fl.l_start as u64,
                     end,
                     typ: fl.l_type.into(),
-                    pid: 0,
+                    pid,
                 }))
             }
             Setlk { fh, owner, lock } => {
                 let h = self.handle_of(fh)?;
-                pool.run(None, move || {
-                    let mut fl = flock_of(&lock);
-                    sys::ofd_lock(h.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)?;
-                    if lock.typ != libc::F_UNLCK {
-                        let mut lockers = h.lockers.lock().unwrap_or_else(|e| e.into_inner());
-                        if !lockers.contains(&owner) {
-                            lockers.push(owner);
-                        }
+                let file = Self::lockable(&h)?.ok_or(Errno(libc::ENOLCK))?;
+                let holder = if lock.typ == libc::F_UNLCK {
+                    match self.lock().locks.held_by(owner, file) {
+                        Some(holder) => holder,
+                        None => return Ok(Response::Empty),
                     }
-                    Ok(())
+                } else {
+                    self.holder(&h, fh, owner, file, &lock).await?
+                };
+                // F_OFD_SETLK never waits (F_SETLKW is a retry loop on the client).
+                pool.quick(None, move || {
+                    let mut fl = flock_of(&lock);
+                    sys::ofd_lock(holder.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
                 })
                 .await?;
                 Ok(Response::Empty)

@@ -353,8 +353,14 @@ pub fn copy_file_range(
     Ok(cvt_l(n as libc::c_long)? as u64)
 }
 
-/// An OFD (open-file-description) lock operation: locks belong to the engine's open file,
-/// i.e. to one client file handle, which is what FUSE's per-open locks need.
+/// The access mode `fd` was opened with: O_RDONLY, O_WRONLY or O_RDWR.
+pub fn access_mode(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: F_GETFL takes no argument.
+    Ok(cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })? & libc::O_ACCMODE)
+}
+
+/// An OFD (open-file-description) lock operation: locks belong to the engine's open file
+/// they are taken on (one per DPU lock owner and file: see `locks`).
 pub fn ofd_lock(fd: RawFd, cmd: i32, fl: &mut libc::flock64) -> io::Result<()> {
     // SAFETY: valid flock pointer for the duration of the call.
     cvt(unsafe { libc::fcntl(fd, cmd, fl as *mut libc::flock64) }).map(drop)
