@@ -1030,11 +1030,12 @@ impl FsServer {
     }
 
     /// The HOST file handle `h` is open on, when DPU processes can lock it through qtfs:
-    /// regular files and FIFOs (re-opening anything else could have side effects).
+    /// regular files only. Re-opening anything else has side effects (a FIFO held open for
+    /// writing never shows its readers EOF; a device may act on open).
     fn lockable(h: &Handle) -> Result<Option<FileKey>, Errno> {
         let st = sys::fstat(h.fd.as_raw_fd())?;
-        let kind = st.st_mode & libc::S_IFMT;
-        Ok((kind == libc::S_IFREG || kind == libc::S_IFIFO).then_some((st.st_dev, st.st_ino)))
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        Ok(regular.then_some((st.st_dev, st.st_ino)))
     }
 
     /// The open file that holds `owner`'s locks on `file` and can take `lock`, opened
