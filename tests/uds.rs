@@ -99,6 +99,21 @@ fn wait_connected(p: &Pair) {
     });
 }
 
+/// Sets SO_SNDBUF of `fd` (the kernel doubles it, up to net.core.wmem_max).
+fn set_sndbuf(fd: std::os::fd::RawFd, bytes: libc::c_int) {
+    // SAFETY: a c_int option value of its own size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+}
+
 /// An echo server on `path`: each connection echoes until EOF, then half-closes.
 fn echo_server(path: &Path) {
     if let Some(dir) = path.parent() {
@@ -298,8 +313,9 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
     let dg_path = p.host.inside("/run/allowed/dg.sock");
     std::fs::create_dir_all(dg_path.parent().unwrap()).unwrap();
     let server = UnixDatagram::bind(&dg_path).expect("bind dgram server");
+    set_sndbuf(server.as_raw_fd(), 1 << 20);
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 70_000];
+        let mut buf = vec![0u8; 300_000];
         while let Ok((n, from)) = server.recv_from(&mut buf) {
             if let Some(to) = from.as_pathname() {
                 let _ = server.send_to(&buf[..n], to);
@@ -311,7 +327,10 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
     let c = UnixStream::from(
         connect(&p, SockType::Dgram, "/run/allowed/dg.sock").expect("dgram connect"),
     );
-    let sizes = [1usize, 100, 60_000, 3, 4096];
+    // The largest message proxied (256 KiB) is more than a Unix socket's default send
+    // buffer: the daemons grow theirs, as the sender did.
+    set_sndbuf(c.as_raw_fd(), 1 << 20);
+    let sizes = [1usize, 100, 60_000, 3, 4096, 256 * 1024];
     for n in sizes {
         let msg: Vec<u8> = (0..n).map(|i| (i % 256) as u8).collect();
         assert_eq!(
@@ -320,7 +339,7 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
             n
         );
     }
-    let mut buf = vec![0u8; 70_000];
+    let mut buf = vec![0u8; 300_000];
     for n in sizes {
         let got =
             nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
@@ -331,6 +350,18 @@ fn dgram_and_seqpacket_keep_message_boundaries() {
             .enumerate()
             .all(|(i, b)| *b == (i % 256) as u8));
     }
+
+    // The operator tool waits for the answer to a datagram after the end of its stdin.
+    let out = p
+        .dpu
+        .sh("printf ping | $DPUCTL uds-connect --type dgram /run/allowed/dg.sock");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ping",
+        "{}",
+        text(&out)
+    );
 
     // Seqpacket: a real SOCK_SEQPACKET server that echoes each message.
     use nix::sys::socket::{self as ns, AddressFamily, SockFlag, UnixAddr};
@@ -431,6 +462,57 @@ fn allowlist_refuses_and_live_qtcfg_change_applies() {
         Err(e) => assert_eq!(e.errno(), libc::ENOENT, "{e}"),
         Ok(_) => panic!("connected to a socket that does not exist"),
     }
+
+    // Socket names are bytes, not text: one that is not UTF-8 is checked and reached as
+    // any other, and a refusal names a directory the operator can allow.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = |dir: &str| -> PathBuf {
+        std::ffi::OsStr::from_bytes(&[dir.as_bytes(), b"/n\xffu.sock"].concat()).into()
+    };
+    let host_root = p.host.inside("/");
+    echo_server(&host_root.join(odd("/run/allowed").strip_prefix("/").unwrap()));
+    let req = p.dpu.request_socket(CONNECT);
+    let c = connect_remote(&req, SockType::Stream, &odd("/run/allowed"), 0)
+        .expect("a non-UTF-8 socket name under an allowed directory");
+    let mut c = UnixStream::from(c);
+    c.write_all(b"bytes").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"bytes");
+    match connect_remote(&req, SockType::Stream, &odd("/run/denied"), 0) {
+        Err(ConnectError::Refused { errno, message }) => {
+            assert_eq!(errno, libc::ECONNREFUSED);
+            assert!(
+                message.contains("qtcfg -w udsconnect -x /run/denied"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+
+    // Through the shim, connecting a socket that is connected already fails as locally.
+    let Some(so) = shim() else {
+        panic!("libudsproxy.so was not built: run `cargo build` at the workspace root");
+    };
+    echo_server(&p.host.inside("/run/allowed/echo.sock"));
+    let script = p.scratch.write(
+        "eisconn.py",
+        "import socket\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.connect('/run/allowed/echo.sock')\n\
+         try:\n    s.connect('/run/allowed/echo.sock')\n    print('connected twice')\n\
+         except OSError as e:\n    print('errno', e.errno)\n",
+    );
+    let out = p
+        .dpu
+        .sh(&format!("LD_PRELOAD={} python3 {}", s(&so), s(&script)));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("errno {}", libc::EISCONN),
+        "{}",
+        text(&out)
+    );
 }
 
 /// xorshift: deterministic sizes without a rand dependency.
@@ -844,7 +926,7 @@ fn rexec_reaches_the_host_rexec_server_through_udsproxyd() {
     let mut server = Command::new("nsenter")
         .args(["--target", &host_pid, "--mount", "--pid"])
         .arg(common::bin())
-        .args(["rexec_server", "--whitelist", "/nonexistent"])
+        .args(["rexec_server", "--no-whitelist"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

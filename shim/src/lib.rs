@@ -126,6 +126,11 @@ unsafe fn fallback(
     if req_len == 0 || path == &req_path[..req_len] {
         return Err(None);
     }
+    // The kernel looks a Unix path up before it checks the socket's state, so a connected
+    // socket (proxied before, say) gets ENOENT for a missing path: locally that is EISCONN.
+    if is_connected(fd) {
+        return Err(Some(libc::EISCONN));
+    }
     let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
     if s < 0 {
         return Err(None);
@@ -143,6 +148,21 @@ unsafe fn fallback(
         }
     };
     splice(newfd, fd)
+}
+
+/// True when `fd` has a peer already.
+fn is_connected(fd: c_int) -> bool {
+    // SAFETY: a zeroed sockaddr_storage is a valid out-buffer of the given length.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: valid out pointers of the stated size.
+    unsafe {
+        libc::getpeername(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) == 0
+    }
 }
 
 fn sock_type(fd: c_int) -> Option<c_int> {

@@ -428,6 +428,13 @@ pub fn normalize(path: &str) -> Result<PathBuf, AllowlistError> {
     Ok(PathBuf::from(std::ffi::OsString::from_vec(p.into_owned())))
 }
 
+/// [`normalize`] for any path, also one that is not valid UTF-8 (a socket or file name on the
+/// machine being checked can be any bytes; entries under which it lies are text).
+pub fn normalize_path(path: &Path) -> Result<PathBuf, AllowlistError> {
+    let p = normalize_bytes(path.as_os_str().as_bytes())?;
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(p.into_owned())))
+}
+
 /// [`normalize`] plus what an allowlist entry must also satisfy to survive a round trip
 /// through the whitelist file: no control characters and no trailing whitespace.
 /// [`Allowlist::add`] and `qtcfg` validate with this.

@@ -27,7 +27,8 @@ REMOTE_PATH on the other machine, then copies stdin to the socket and the socket
 until the remote side closes. End of stdin half-closes the connection (the server sees EOF). \
 The far side's udsconnect allowlist must allow REMOTE_PATH.\n\n\
 With --type dgram or seqpacket each read of stdin is sent as one message and each message \
-received is written to stdout as it is.",
+received is written to stdout as it is. A message socket has no half-close, so after the end \
+of stdin uds-connect waits --timeout for answers before it closes (as socat -t does).",
     after_help = "Examples:\n  printf 'PING\\r\\n' | dpuctl uds-connect /run/redis/redis.sock\n  dpuctl uds-connect --type dgram /run/systemd/notify\n\nExit status: 0 when the remote side closed normally, 1 when the connection was refused or failed, 2 on usage errors."
 )]
 struct Args {
@@ -38,6 +39,9 @@ struct Args {
     /// Socket type: stream, dgram or seqpacket
     #[arg(long = "type", value_name = "TYPE", default_value = "stream")]
     kind: SockType,
+    /// With dgram or seqpacket: how long to wait for answers after the end of stdin
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "500ms", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
     /// The socket path on the other machine
     #[arg(value_name = "REMOTE_PATH")]
     remote_path: PathBuf,
@@ -213,7 +217,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match bridge(fd, a.kind) {
+    match bridge(fd, a.kind, a.timeout) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("uds-connect: {}: {e}", a.remote_path.display());
@@ -223,7 +227,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 }
 
 /// Copies stdin to `fd` on a thread and `fd` to stdout here, until `fd` reports the end.
-fn bridge(fd: OwnedFd, kind: SockType) -> io::Result<()> {
+/// After the end of stdin a message socket stays open `linger` for answers (closing it is
+/// its only end-of-data signal).
+fn bridge(fd: OwnedFd, kind: SockType, linger: std::time::Duration) -> io::Result<()> {
     let sock = UnixStream::from(fd);
     let up = sock.try_clone()?;
     let packets = kind.is_packet();
@@ -246,6 +252,9 @@ fn bridge(fd: OwnedFd, kind: SockType) -> io::Result<()> {
                     }
                 }
             }
+        }
+        if packets {
+            std::thread::sleep(linger);
         }
         let _ = up.shutdown(std::net::Shutdown::Write);
     });

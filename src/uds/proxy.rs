@@ -296,6 +296,32 @@ pub struct UdsProxy {
     peer: Arc<OnceLock<PeerManager>>,
 }
 
+/// Why the far side refused `path`, and how to allow it there: the `qtcfg` command names the
+/// normalised path, or, when that is not text (an allowlist file is UTF-8), the nearest
+/// directory above it that is.
+fn not_allowed_message(path: &Path) -> String {
+    let Ok(normal) = crate::allowlist::normalize_path(path) else {
+        return format!(
+            "{} is not a valid absolute socket path for the udsconnect allowlist",
+            path.display()
+        );
+    };
+    let entry = normal
+        .ancestors()
+        .find_map(|p| p.to_str())
+        .unwrap_or("/")
+        .to_string();
+    let hint = if normal.to_str().is_some() {
+        format!("add it there with qtcfg -w udsconnect -x {entry}")
+    } else {
+        format!("its name is not UTF-8, so allow a directory above it there: qtcfg -w udsconnect -x {entry}")
+    };
+    format!(
+        "{} is not on the udsconnect allowlist of the far side: {hint}",
+        normal.display()
+    )
+}
+
 impl UdsProxy {
     /// A proxy checking `allowlist` (its `udsconnect` list).
     pub fn new(allowlist: SharedAllowlist) -> Arc<UdsProxy> {
@@ -315,7 +341,7 @@ impl UdsProxy {
     /// The one `udsconnect` check of this bridge: normalises `path` and returns it when the
     /// allowlist covers it.
     pub fn check(&self, path: &Path) -> Option<PathBuf> {
-        let normal = crate::allowlist::normalize(path.to_str()?).ok()?;
+        let normal = crate::allowlist::normalize_path(path).ok()?;
         let list = self.allowlist.read().unwrap_or_else(|p| p.into_inner());
         list.allows(ListType::Udsconnect, &normal).then_some(normal)
     }
@@ -489,7 +515,7 @@ impl UdsProxy {
             tracing::warn!(path = %path_text, "peer's connect refused: not on the udsconnect allowlist");
             stream.refuse(RemoteError::new(
                 libc::ECONNREFUSED,
-                format!("{path_text} is not on the udsconnect allowlist of the far side: add it there with qtcfg -w udsconnect -x {path_text}"),
+                not_allowed_message(&req.path),
             ));
             return;
         };
@@ -1303,6 +1329,7 @@ async fn packet_down(
 
 async fn send_packet(fd: &AsyncFd<OwnedFd>, msg: &[u8], conn: &ConnGuard) -> io::Result<()> {
     use nix::sys::socket::MsgFlags;
+    let mut grown = false;
     loop {
         let mut guard = fd.writable().await?;
         match guard.try_io(|inner| {
@@ -1317,8 +1344,38 @@ async fn send_packet(fd: &AsyncFd<OwnedFd>, msg: &[u8], conn: &ConnGuard) -> io:
                 conn.wrote_local(msg.len());
                 return Ok(());
             }
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EMSGSIZE) && !grown => {
+                // A Unix socket refuses a message larger than its send buffer (about
+                // 208 KiB by default); the sender already had it sent, so make it fit.
+                fit_send_buffer(fd.as_raw_fd(), msg.len())?;
+                grown = true;
+            }
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
         }
     }
+}
+
+/// Grows `fd`'s send buffer so that one `len`-byte message fits: beyond
+/// `net.core.wmem_max` when the daemon may (CAP_NET_ADMIN), else up to it.
+fn fit_send_buffer(fd: std::os::fd::RawFd, len: usize) -> io::Result<()> {
+    let want = libc::c_int::try_from(len + 64 * 1024).unwrap_or(libc::c_int::MAX);
+    let mut last = io::Error::from_raw_os_error(libc::EMSGSIZE);
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: a c_int option value of its own size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        last = io::Error::last_os_error();
+    }
+    Err(last)
 }
