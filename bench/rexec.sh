@@ -52,7 +52,7 @@ ln -s "$BIN" "$WORK/rexec"
 PORT=$(free_port)
 export REXEC_RUN_DIR=$WORK/rexec-run
 "$BIN" rexec_server --listen "tcp://127.0.0.1:$PORT" --uds --key "$WORK/psk" \
-  --whitelist "$WORK/no-whitelist" --run-dir "$WORK/run" --log-level warn 2>"$WORK/server.log" &
+  --no-whitelist --run-dir "$WORK/run" --log-level warn 2>"$WORK/server.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do [ -S "$REXEC_RUN_DIR/rexec_uds.sock" ] && break; sleep 0.05; done
 

@@ -31,11 +31,18 @@ impl Server {
         std::os::unix::fs::symlink(bin(), &link).expect("symlink rexec_server");
         let port = free_port();
         let log = std::fs::File::create(scratch.path("server.log")).expect("log");
+        // Independent of this machine's /etc/rexec/whitelist unless a test names one.
+        let open: &[&str] = if extra.contains(&"--whitelist") {
+            &[]
+        } else {
+            &["--no-whitelist"]
+        };
         let child = Command::new(&link)
             .args(["--run-dir", s(&scratch.path("run"))])
             .args(["--key", s(&key)])
             .args(["--listen", &format!("tcp://127.0.0.1:{port}"), "--uds"])
             .args(["--kill-grace", "500ms"])
+            .args(open)
             .args(extra)
             .env("REXEC_RUN_DIR", scratch.path("rexec"))
             .env_remove("CMD_NET_ADDR")
@@ -360,6 +367,21 @@ fn killing_the_client_kills_the_remote_process() {
     wait_for("the remote group to die", Duration::from_secs(5), || {
         !alive(pid) && !alive(grandchild)
     });
+    // The killed client could not remove its pid map entry: --kill says the session is
+    // gone and removes the stale entry.
+    let stale = srv.scratch.path(&format!("rexec/pids/{}", child.id()));
+    assert!(stale.exists(), "a SIGKILLed client leaves its entry");
+    let o = run(srv.uds(&["--kill", "TERM", &child.id().to_string()]), b"");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "no rexec session with local pid {}: that process is gone (removed its stale entry",
+            child.id()
+        )),
+        "{err}"
+    );
+    assert!(!stale.exists(), "the stale entry is removed");
 
     // rexec --kill SIGNAL LOCALPID signals the remote process of another rexec.
     let mut child = srv
@@ -376,6 +398,42 @@ fn killing_the_client_kills_the_remote_process() {
     std::fs::write(srv.scratch.path("rexec/pids/1"), "1\n").expect("write");
     let o = run(srv.uds(&["--kill", "TERM", "1"]), b"");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+}
+
+/// The exit statuses of docs/rexec.md for `--kill` and address mistakes.
+#[test]
+fn kill_and_address_mistakes_exit_as_documented() {
+    let srv = Server::start(&[]);
+    // A bad signal name is a usage error.
+    let o = run(srv.uds(&["--kill", "BOGUS", "123"]), b"");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a signal name"),
+        "{}",
+        text(&o)
+    );
+    // No pid map entry: no such session.
+    let o = run(srv.uds(&["--kill", "TERM", "999999"]), b"");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let entry = srv.scratch.path("rexec/pids/999999");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "rexec: no rexec session with local pid 999999 (no {})\n",
+            entry.display()
+        )
+    );
+    // A bad server address is a usage error, from the option or the environment.
+    let o = run(srv.uds(&["--server", "bogus://x", "true"]), b"");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bad server address"),
+        "{}",
+        text(&o)
+    );
+    let mut c = srv.uds(&["true"]);
+    c.env("CMD_NET_ADDR", "bogus://x");
+    assert_eq!(run(c, b"").status.code(), Some(2));
 }
 
 #[test]
@@ -457,13 +515,29 @@ fn whitelist_refuses_and_is_checked_at_start() {
     assert!(srv.log().contains("rexec command refused"));
     drop(srv);
 
-    for (mode, owner, needle) in [
-        (0o666, 0, "writable by group or others"),
-        (0o400, 65534, "not root"),
+    for (mode, owner, dir_mode, needle) in [
+        (0o666, 0, 0o755, "writable by group or others"),
+        (0o400, 65534, 0o755, "not root"),
+        // The directory above: others may write it without the sticky bit.
+        (
+            0o400,
+            0,
+            0o777,
+            "which group or others may write without the sticky bit",
+        ),
+        // Named explicitly but missing.
+        (0, 0, 0o755, "does not exist"),
     ] {
         let scratch = Scratch::new();
-        let wl = write_whitelist(&scratch, "true\n", mode);
-        std::os::unix::fs::chown(&wl, Some(owner), None).expect("chown");
+        let wl = if mode == 0 {
+            scratch.path("whitelist")
+        } else {
+            let wl = write_whitelist(&scratch, "true\n", mode);
+            std::os::unix::fs::chown(&wl, Some(owner), None).expect("chown");
+            wl
+        };
+        std::fs::set_permissions(scratch.path(""), std::fs::Permissions::from_mode(dir_mode))
+            .expect("chmod dir");
         let o = Command::new(bin())
             .args(["rexec_server", "--whitelist", s(&wl)])
             .args(["--run-dir", s(&scratch.path("run"))])
@@ -477,6 +551,198 @@ fn whitelist_refuses_and_is_checked_at_start() {
             "{}",
             text(&o)
         );
+    }
+}
+
+/// A whitelist in force stays in force: renamed or deleted while the server runs, it
+/// refuses every command (it used to mean "no whitelist", letting everything run).
+#[test]
+fn a_whitelist_that_disappears_refuses_everything() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: the whitelist must be owned by root; run the tests as root");
+        return;
+    }
+    let scratch = Scratch::new();
+    let wl = write_whitelist(&scratch, "true\n", 0o400);
+    let srv = Server::start_with(scratch, &["--whitelist", s(&wl)]);
+    assert!(run(srv.uds(&["true"]), b"").status.success());
+    let bak = srv.scratch.path("whitelist.bak");
+    std::fs::rename(&wl, &bak).expect("mv");
+    for argv in [&["/bin/ls"][..], &["true"]] {
+        let o = run(srv.uds(argv), b"");
+        assert_eq!(o.status.code(), Some(126), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("the rexec whitelist {} is missing", wl.display())),
+            "{err}"
+        );
+        assert!(o.stdout.is_empty());
+    }
+    let log = srv.log();
+    assert!(
+        log.contains("rexec whitelist unusable: refusing every command"),
+        "{log}"
+    );
+    assert!(log.contains(s(&wl)), "{log}");
+    // Back in place: in force again.
+    std::fs::rename(&bak, &wl).expect("mv back");
+    assert!(run(srv.uds(&["true"]), b"").status.success());
+    assert_eq!(run(srv.uds(&["/bin/ls"]), b"").status.code(), Some(126));
+}
+
+/// `--max-sessions` counts running sessions only: a client over the limit waits for a slot
+/// (longer than its connect timeout) instead of failing, and connections that never send a
+/// byte take no slot and cannot keep clients out.
+#[test]
+fn session_limit_makes_clients_wait_and_idle_connections_take_no_slot() {
+    let srv = Server::start(&["--max-sessions", "1"]);
+    let holder = srv
+        .tcp(&["sleep", "2.5"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut holder = holder;
+    let _ = remote_pid(&srv, holder.id());
+    let started = Instant::now();
+    for mk in [Server::tcp as fn(&Server, &[&str]) -> Command, Server::uds] {
+        let o = run(
+            mk(&srv, &["--connect-timeout", "1s", "echo", "waited"]),
+            b"",
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(o.stdout, b"waited\n");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the second client ran while the first held the only slot"
+    );
+    assert!(holder.wait().expect("wait").success());
+    assert!(srv.log().contains("session limit reached"), "{}", srv.log());
+
+    // Many idle connections: more than may be pending at once, and many more than slots.
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", srv.port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let o = run(srv.tcp(&["--connect-timeout", "2s", "true"]), b"");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(srv.uds(&["true"]), b"");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let st = srv.status();
+    assert!(
+        st["daemons"][0]["counters"]["pending_evicted"].as_u64() >= Some(100 - 64),
+        "{st}"
+    );
+    drop(idle);
+}
+
+/// A closed or failing stdout or stderr on the client is the program's closed output: its
+/// writes fail (EPIPE/SIGPIPE), as locally, and rexec says why when it can.
+#[test]
+fn closed_and_failing_outputs_reach_the_program() {
+    let srv = Server::start(&[]);
+    // rexec's stdout closed: the program's first write fails; it does not see success.
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "exec \"$@\" >&-",
+        "sh",
+        s(&bin()),
+        "rexec",
+        "sh",
+        "-c",
+        "echo x; echo rc=$? >&2",
+    ])
+    .env("REXEC_RUN_DIR", srv.scratch.path("rexec"))
+    .env_remove("CMD_NET_ADDR");
+    let o = run(c, b"");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("rc=0"), "{err}");
+    assert!(err.contains("rexec: standard output is closed"), "{err}");
+    assert_eq!(o.status.code(), Some(128 + libc::SIGPIPE), "{err}");
+    // rexec's stderr closed: the same for the program's stderr.
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "exec \"$@\" 2>&-",
+        "sh",
+        s(&bin()),
+        "rexec",
+        "sh",
+        "-c",
+        "echo x >&2; echo rc=$?",
+    ])
+    .env("REXEC_RUN_DIR", srv.scratch.path("rexec"))
+    .env_remove("CMD_NET_ADDR");
+    let o = run(c, b"");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("rc=0"),
+        "{}",
+        text(&o)
+    );
+    // rexec's stderr fails while the program writes it: the program's stderr is closed
+    // (it used to be read and discarded forever).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = srv
+        .uds(&["sh", "-c", "cat /dev/zero >&2"])
+        .stdin(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("rexec with a failing stderr did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGPIPE));
+}
+
+/// `rexec -t yes | head -c1`: with the terminal's output gone, the session ends (the
+/// program's terminal is hung up) instead of output being read and discarded forever.
+#[test]
+fn a_gone_reader_hangs_up_a_terminal_session() {
+    let srv = Server::start(&[]);
+    for script in ["yes", "trap '' HUP; yes"] {
+        let mut child = srv
+            .uds(&["-t", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first)
+            .expect("read");
+        drop(child.stdout.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("rexec -t {script:?} did not end after its reader went away");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // SIGHUP, or SIGKILL after the grace period for a program that ignores it.
+        let expected = if script == "yes" {
+            libc::SIGHUP
+        } else {
+            libc::SIGKILL
+        };
+        assert_eq!(status.code(), Some(128 + expected), "{script}");
     }
 }
 

@@ -23,8 +23,7 @@ fn dpu_runs_host_programs_through_rexec() {
             &format!("tcp://127.0.0.1:{port}"),
             "--key",
             s(&key),
-            "--whitelist",
-            s(&scratch.path("no-whitelist")),
+            "--no-whitelist",
         ],
     );
     // The DPU side needs a pid 1 of its own; a Unix-socket rexec_server serves as one.

@@ -3,7 +3,8 @@
 //!
 //! Exit status: the program's, or 128+N when it died of signal N; 127 command not found;
 //! 126 not executable or not allowed by the whitelist; 255 connection, authentication or
-//! protocol problems; 1 for `--kill` failures; 2 usage errors.
+//! protocol problems; 1 when `--kill` finds no such session or the server refuses it; 2 usage
+//! errors (options, a bad signal name, a bad server address).
 //!
 //! Concurrency: a current-thread tokio runtime (starting is most of the cost of a short
 //! command) runs the socket and signals. Two plain threads do the blocking stdio: one reads
@@ -45,7 +46,7 @@ udsproxyd carries it to the HOST); with CMD_NET_ADDR=tcp://IP:PORT or vsock://CI
 directly, authenticated with the pre-shared key.",
     after_help = "Exit status: the program's; 128+N killed by signal N; 127 command not found; 126 not \
 executable or not allowed by the server's whitelist; 255 cannot connect, authentication failed, \
-connection lost.\n\nEnvironment:\n  CMD_NET_ADDR    tcp://IP:PORT or vsock://CID:PORT (default port 7777)\n  \
+connection lost; 1 --kill found no such session; 2 usage error.\n\nEnvironment:\n  CMD_NET_ADDR    tcp://IP:PORT or vsock://CID:PORT (default port 7777)\n  \
 REXEC_LOG_FILE  `std` logs to stderr, a path appends to that file\n  REXEC_RUN_DIR   socket and pids/ directory [default: /var/run/rexec]\n\n\
 Examples:\n  rexec /bin/sh -c 'exit 7'; echo $?       # 7\n  echo hi | rexec cat\n  CMD_NET_ADDR=tcp://192.168.10.10:7777 rexec -t bash\n  \
 rexec --env-only PATH,LANG env\n  rexec --kill TERM 12345                  # signal the remote process of local rexec 12345\n\n\
@@ -125,6 +126,8 @@ pub enum ClientError {
     Proto(#[from] proto::ProtoError),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    NoSession(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -141,7 +144,8 @@ impl ClientError {
                 libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY => 126,
                 _ => 255,
             },
-            ClientError::Usage(_) => 2,
+            ClientError::Usage(_) | ClientError::Address { .. } => 2,
+            ClientError::NoSession(_) => 1,
             _ => 255,
         }
     }
@@ -154,6 +158,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Err(e) => return crate::cli::clap_exit(e),
     };
     init_logging();
+    let closed = closed_at_start();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,7 +174,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         if kill_mode {
             kill_main(&a).await
         } else {
-            run(&a).await
+            run(&a, closed).await
         }
     });
     let code = match r {
@@ -188,6 +193,46 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     // Exiting here skips tearing the runtime down, which would only touch code and data
     // that nothing needs any more.
     std::process::exit(code.into())
+}
+
+/// Which of stdin, stdout and stderr were closed when rexec started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Closed {
+    stdout: bool,
+    stderr: bool,
+}
+
+/// Bit `fd` is set when descriptor `fd` (0, 1 or 2) was closed when the process started.
+/// Recorded by [`record_closed_std_fds`] before Rust's runtime starts: the runtime then opens
+/// `/dev/null` on every closed one (so no socket lands there), which hides a closed stdout
+/// from anything that looks later — writes to it would succeed into nothing.
+static CLOSED_AT_START: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Runs from `.init_array`, before `main` and the runtime: only fcntl and an atomic store.
+extern "C" fn record_closed_std_fds() {
+    let mut closed = 0u8;
+    for fd in 0..3 {
+        // SAFETY: F_GETFD reads a descriptor's flags; it touches no memory.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            closed |= 1 << fd;
+        }
+    }
+    CLOSED_AT_START.store(closed, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[used]
+#[link_section = ".init_array"]
+static RECORD_CLOSED_STD_FDS: extern "C" fn() = record_closed_std_fds;
+
+/// Which of stdout and stderr were closed when rexec started.
+fn closed_at_start() -> Closed {
+    // Naming the constructor keeps it linked into every binary that can run rexec.
+    std::hint::black_box(&RECORD_CLOSED_STD_FDS);
+    let bits = CLOSED_AT_START.load(std::sync::atomic::Ordering::Relaxed);
+    Closed {
+        stdout: bits & 2 != 0,
+        stderr: bits & 4 != 0,
+    }
 }
 
 /// `REXEC_LOG_FILE=std` logs to stderr, any other value appends to that file; unset: silent.
@@ -346,7 +391,7 @@ fn via_udsproxyd(
 }
 
 /// The Start message for this process.
-fn start_message(a: &ClientArgs, tty: bool) -> Start {
+fn start_message(a: &ClientArgs, tty: bool, closed: Closed) -> Start {
     let env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
         .filter(|(k, _)| a.env_only.is_empty() || a.env_only.iter().any(|n| k == n.as_str()))
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
@@ -389,6 +434,8 @@ fn start_message(a: &ClientArgs, tty: bool) -> Start {
         umask: mask.bits(),
         rlimits,
         tty,
+        stdout_closed: closed.stdout,
+        stderr_closed: closed.stderr,
         winsize,
         local_pid: std::process::id(),
     }
@@ -440,6 +487,7 @@ enum Ctrl {
     Error { errno: i32, message: String },
     Lost(String),
     StdoutClosed,
+    StderrClosed,
 }
 
 /// Output for the writer thread.
@@ -530,15 +578,22 @@ struct Chunk {
     len: usize,
 }
 
-async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
+async fn run(a: &ClientArgs, closed: Closed) -> Result<u8, ClientError> {
     let stdin_tty = std::io::stdin().is_terminal();
     let tty = !a.no_tty && (a.tty || (stdin_tty && std::io::stdout().is_terminal()));
-    let start = start_message(a, tty);
+    let start = start_message(a, tty, closed);
+    if closed.stdout && !tty {
+        // The program's stdout will be closed too and it cannot say why: say it here, as
+        // for any other failure to write our stdout.
+        eprintln!(
+            "rexec: standard output is closed; so is the program's (its writes fail with EPIPE)"
+        );
+    }
     // The output thread starts while we connect: it has no side effects until data arrives.
     let (ctrl_tx, mut ctrl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctrl>();
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Out>(4);
     let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let output_done = spawn_output_thread(out_rx, pool_tx, ctrl_tx.clone());
+    let output_done = spawn_output_thread(out_rx, pool_tx, ctrl_tx.clone(), closed);
     let stream = connect(a).await?;
     let (rd, mut wr) = stream.into_split();
     Msg::Start(Box::new(start))
@@ -576,6 +631,12 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
         None
     };
 
+    if tty && closed.stdout {
+        // Nothing can show the terminal's output: hang it up at once, as the first failed
+        // write would.
+        eprintln!("rexec: standard output is closed; hanging up the program's terminal");
+        let _ = Msg::CloseStdout.write_to(&mut wr).await;
+    }
     let (mut stdin_rx, recycle) = if stdin_is_empty() {
         // /dev/null or closed: end of file at once, without a reader thread. A failed
         // write is not an error yet: the program may have finished already, and its Exit
@@ -636,8 +697,9 @@ async fn run(a: &ClientArgs) -> Result<u8, ClientError> {
                 Some(Ctrl::Exit(st)) => break Ok(st),
                 Some(Ctrl::Error { errno, message }) => break Err(ClientError::Remote { errno, message }),
                 Some(Ctrl::Lost(why)) => break Err(ClientError::Lost(why)),
-                Some(Ctrl::StdoutClosed) => {
-                    if Msg::CloseStdout.write_to(&mut wr).await.is_err() {
+                Some(c @ (Ctrl::StdoutClosed | Ctrl::StderrClosed)) => {
+                    let msg = if matches!(c, Ctrl::StdoutClosed) { Msg::CloseStdout } else { Msg::CloseStderr };
+                    if msg.write_to(&mut wr).await.is_err() {
                         break Err(ClientError::Lost("writing to the server failed".into()));
                     }
                 }
@@ -769,19 +831,25 @@ fn stdin_is_empty() -> bool {
 }
 
 /// Writes stdout/stderr in a thread; the returned receiver completes when everything was
-/// written. A broken stdout is reported once (the server then closes the program's stdout,
-/// so it sees EPIPE/SIGPIPE as it would locally); a failure other than a closed reader is
-/// also printed, since the program cannot see it.
+/// written. A stream that cannot be written is reported once to the main loop (the server
+/// then closes the program's stream, so it sees EPIPE/SIGPIPE as it would locally, or hangs
+/// up its terminal); a stdout failure other than a closed reader is also printed, since the
+/// program cannot see it. Streams closed from the start were handled by the server already.
 fn spawn_output_thread(
     mut rx: tokio::sync::mpsc::Receiver<Out>,
     pool: std::sync::mpsc::Sender<Vec<u8>>,
     ctrl: tokio::sync::mpsc::UnboundedSender<Ctrl>,
+    closed: Closed,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let body = move || {
         let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-        super::grow_pipe(stdout.as_fd());
-        let (mut out_ok, mut err_ok) = (true, true);
+        if !closed.stdout {
+            super::grow_pipe(stdout.as_fd());
+        }
+        // A stream closed from the start is `/dev/null` now (see [`CLOSED_AT_START`]): its
+        // output is not written, and the server closed the program's end already.
+        let (mut out_ok, mut err_ok) = (!closed.stdout, !closed.stderr);
         while let Some(o) = rx.blocking_recv() {
             let is_stdout = matches!(o, Out::Stdout(_));
             let (fd, data, ok) = match o {
@@ -796,10 +864,14 @@ fn spawn_output_thread(
                         // A closed reader is the program's business (EPIPE or SIGPIPE, as
                         // locally). Anything else, a full disk say, the program only sees as
                         // a broken pipe: say what it was.
-                        if e != nix::errno::Errno::EPIPE {
+                        if e != nix::errno::Errno::EPIPE && !closed.stdout {
                             eprintln!("rexec: writing standard output: {}", e.desc());
                         }
                         let _ = ctrl.send(Ctrl::StdoutClosed);
+                    } else {
+                        // Nowhere to say it: stderr is what failed.
+                        tracing::debug!(error = %e, "stderr closed");
+                        let _ = ctrl.send(Ctrl::StderrClosed);
                     }
                 }
             }
@@ -845,14 +917,7 @@ async fn kill_main(a: &ClientArgs) -> Result<u8, ClientError> {
     let path = super::server::rexec_dir()
         .join(super::PIDS_DIR)
         .join(local.to_string());
-    let text = std::fs::read_to_string(&path).map_err(|source| ClientError::Io {
-        what: "no running rexec with that local pid (cannot read its pid map entry)",
-        source,
-    })?;
-    let pid: u32 = text
-        .trim()
-        .parse()
-        .map_err(|_| ClientError::Usage(format!("{} does not hold a pid", path.display())))?;
+    let pid = pid_map_entry(local, &path)?;
     let stream = connect(a).await?;
     let (rd, mut wr) = stream.into_split();
     Msg::Kill { pid, signal }
@@ -869,6 +934,48 @@ async fn kill_main(a: &ClientArgs) -> Result<u8, ClientError> {
         Some(Err(e)) => Err(ClientError::Lost(e.to_string())),
         None => Err(ClientError::Lost("closed without an answer".into())),
     }
+}
+
+/// The remote pid in the pid map entry `path` of local rexec `local`. No entry, or an entry
+/// whose rexec is gone (killed before it could remove it), is no session: a stale entry is
+/// removed on the way, so it cannot name a remote pid that has been reused since.
+fn pid_map_entry(local: u32, path: &std::path::Path) -> Result<u32, ClientError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClientError::NoSession(format!(
+                "no rexec session with local pid {local} (no {})",
+                path.display()
+            )))
+        }
+        Err(source) => {
+            return Err(ClientError::Io {
+                what: "cannot read the pid map entry",
+                source,
+            })
+        }
+    };
+    let gone = i32::try_from(local).map_or(true, |p| {
+        p <= 0
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None)
+                == Err(nix::errno::Errno::ESRCH)
+    });
+    if gone {
+        let removed = match std::fs::remove_file(path) {
+            Ok(()) => "removed its stale entry".to_string(),
+            Err(e) => format!("cannot remove its stale entry: {e}"),
+        };
+        return Err(ClientError::NoSession(format!(
+            "no rexec session with local pid {local}: that process is gone ({removed} {})",
+            path.display()
+        )));
+    }
+    text.trim().parse().map_err(|_| {
+        ClientError::NoSession(format!(
+            "no rexec session with local pid {local}: {} does not hold a pid",
+            path.display()
+        ))
+    })
 }
 
 /// `TERM`, `SIGTERM`, `term` or `15`.
@@ -995,7 +1102,7 @@ mod tests {
         assert_eq!(a.command, vec!["ls", "-l", "--kill", "x"]);
         let a = ClientArgs::try_parse_from(["rexec", "--env-only", "A,B", "--", "env"]).unwrap();
         assert_eq!(a.env_only, vec!["A", "B"]);
-        let start = start_message(&a, false);
+        let start = start_message(&a, false, Closed::default());
         assert!(start.env.iter().all(|(k, _)| k == b"A" || k == b"B"));
         assert_eq!(start.argv, vec![b"env".to_vec()]);
         let a = ClientArgs::try_parse_from(["rexec", "--kill", "TERM", "12"]).unwrap();

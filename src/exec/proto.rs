@@ -52,8 +52,11 @@ pub mod op {
     pub const SIGNAL: u16 = 5;
     /// Client → server: the terminal size changed.
     pub const WINSIZE: u16 = 6;
-    /// Client → server: the client's stdout is gone (EPIPE); close the program's stdout.
+    /// Client → server: writing the client's stdout failed (EPIPE, ENOSPC, ...); close the
+    /// program's stdout, or hang up its terminal.
     pub const CLOSE_STDOUT: u16 = 7;
+    /// Client → server: writing the client's stderr failed; close the program's stderr.
+    pub const CLOSE_STDERR: u16 = 8;
     /// Server → client: the program runs with this pid.
     pub const STARTED: u16 = 16;
     /// Server → client: stdout bytes.
@@ -97,6 +100,11 @@ pub struct Start {
     pub rlimits: Vec<Rlimit>,
     /// Allocate a pseudo-terminal for the program's stdio.
     pub tty: bool,
+    /// The client's stdout is closed: the program's stdout is a pipe nobody reads, so its
+    /// first write fails (EPIPE/SIGPIPE) instead of succeeding into a void. Pipes only.
+    pub stdout_closed: bool,
+    /// The same for stderr.
+    pub stderr_closed: bool,
     pub winsize: Winsize,
     /// The client's own pid, for the session list and logs.
     pub local_pid: u32,
@@ -131,6 +139,7 @@ pub enum Msg {
     Signal(i32),
     Winsize(Winsize),
     CloseStdout,
+    CloseStderr,
     Started { pid: u32 },
     Stdout(Bytes),
     Stderr(Bytes),
@@ -192,6 +201,7 @@ impl Msg {
                 req(op::WINSIZE, b.freeze())
             }
             Msg::CloseStdout => req(op::CLOSE_STDOUT, Bytes::new()),
+            Msg::CloseStderr => req(op::CLOSE_STDERR, Bytes::new()),
             Msg::Started { pid } => req(op::STARTED, Bytes::copy_from_slice(&pid.to_be_bytes())),
             Msg::Stdout(d) => req(op::STDOUT, d.clone()),
             Msg::Stderr(d) => req(op::STDERR, d.clone()),
@@ -263,6 +273,7 @@ impl Msg {
                 })
             }
             op::CLOSE_STDOUT => Msg::CloseStdout,
+            op::CLOSE_STDERR => Msg::CloseStderr,
             op::STARTED => {
                 need(&p, 4, "started")?;
                 Msg::Started { pid: p.get_u32() }
@@ -334,6 +345,12 @@ fn get_count(p: &mut Bytes, min_each: usize, what: &'static str) -> Result<usize
     Ok(n)
 }
 
+/// `Start`'s flags byte: bit 0 is `tty` (the byte was a bool before the other bits were
+/// added, so a client that sets none of them encodes as it always did).
+const START_STDOUT_CLOSED: u8 = 1;
+/// Bit of `Start`'s flags byte for `stderr_closed`.
+const START_STDERR_CLOSED: u8 = 2;
+
 fn encode_start(s: &Start) -> Bytes {
     let size = 32
         + s.argv.iter().map(|a| a.len() + 4).sum::<usize>()
@@ -345,7 +362,11 @@ fn encode_start(s: &Start) -> Bytes {
         + s.rlimits.len() * 20;
     let mut b = BytesMut::with_capacity(size);
     b.put_u16(REXEC_PROTO_VERSION);
-    b.put_u8(u8::from(s.tty));
+    b.put_u8(
+        u8::from(s.tty)
+            | u8::from(s.stdout_closed) << START_STDOUT_CLOSED
+            | u8::from(s.stderr_closed) << START_STDERR_CLOSED,
+    );
     b.put_u16(s.winsize.rows);
     b.put_u16(s.winsize.cols);
     b.put_u32(s.umask);
@@ -375,7 +396,10 @@ fn decode_start(p: &mut Bytes) -> Result<Start, ProtoError> {
         return Err(ProtoError::Truncated { what: W });
     }
     check_version(p.get_u16())?;
-    let tty = p.get_u8() != 0;
+    let flags = p.get_u8();
+    let tty = flags & 1 != 0;
+    let stdout_closed = flags & (1 << START_STDOUT_CLOSED) != 0;
+    let stderr_closed = flags & (1 << START_STDERR_CLOSED) != 0;
     let winsize = Winsize {
         rows: p.get_u16(),
         cols: p.get_u16(),
@@ -411,6 +435,8 @@ fn decode_start(p: &mut Bytes) -> Result<Start, ProtoError> {
         umask,
         rlimits,
         tty,
+        stdout_closed,
+        stderr_closed,
         winsize,
         local_pid,
     })
@@ -449,18 +475,26 @@ mod tests {
                 hard: 7,
             }],
             tty: true,
+            stdout_closed: false,
+            stderr_closed: true,
             winsize: Winsize { rows: 24, cols: 80 },
             local_pid: 4242,
+        };
+        let closed = Start {
+            stdout_closed: true,
+            ..Start::default()
         };
         for m in [
             Msg::Start(Box::new(start)),
             Msg::Start(Box::default()),
+            Msg::Start(Box::new(closed)),
             Msg::Kill { pid: 9, signal: 15 },
             Msg::Stdin(Bytes::from_static(b"data")),
             Msg::StdinEof,
             Msg::Signal(2),
             Msg::Winsize(Winsize { rows: 1, cols: 2 }),
             Msg::CloseStdout,
+            Msg::CloseStderr,
             Msg::Started { pid: 77 },
             Msg::Stdout(Bytes::from_static(b"out")),
             Msg::Stderr(Bytes::new()),

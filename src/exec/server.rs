@@ -7,8 +7,14 @@
 //! with a pty). If the client goes away before the program ends, the whole group gets
 //! SIGTERM and, after the grace period, SIGKILL: nothing is left running.
 //!
-//! Concurrency: [`run`] accepts on every listener and spawns one task per session, tracked
-//! by a `TaskTracker` so shutdown waits for them; a semaphore caps concurrent sessions. In a
+//! Admission has two stages. A new connection is *pending* until it has authenticated and
+//! sent its first message, within 10 s (`START_TIMEOUT`); at most 64 (`MAX_PENDING`) are pending,
+//! and one more evicts the oldest (`Pending`), so connections that never speak cannot shut
+//! clients out. Only then does a `Start` take one of `--max-sessions` slots, waiting for one
+//! while the server is full: the limit counts authenticated, running sessions only.
+//!
+//! Concurrency: [`run`] accepts on every listener and spawns one task per connection, tracked
+//! by a `TaskTracker` so shutdown waits for them; a semaphore caps running sessions. In a
 //! session, the frame loop (socket reader) owns the child; one task pumps each output stream
 //! and one writes stdin, so the frame loop is never blocked and always sees `Signal`. All
 //! writers share the socket's write half through an async mutex (each frame is written
@@ -36,7 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use super::proto::{self, data_header, op, ExitStatus, Msg, Rlimit, Start, CHUNK, STDIN_WINDOW};
 use super::pty::{self, PtyMaster};
-use super::whitelist::{self, Whitelist};
+use super::whitelist::{self, Policy, Whitelist};
 use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
 use crate::daemon::status::{PeerStatus, SessionStatus};
 use crate::wire::frame::FrameDecoder;
@@ -44,15 +50,22 @@ use crate::wire::{handshake, Addr, Auth, Hello, Listener, Role, Stream};
 
 /// How long a new connection may take to authenticate and send its `Start`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections at most between accept and their first message. A client needs one round
+/// trip or two for that, so 64 leave room for a burst of clients; a 65th connection evicts
+/// the oldest pending one, which to be a client would have had to finish long ago.
+const MAX_PENDING: usize = 64;
+/// At most one "limit reached" log event per this period, however many connections hit it.
+const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// What the server needs to serve sessions.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerConfig {
-    /// The rexec whitelist file (absent file: every command may run).
-    pub whitelist: PathBuf,
+    /// The rexec whitelist; `None` (`--no-whitelist`): every command may run.
+    pub whitelist: Option<Policy>,
     /// Between SIGTERM and SIGKILL when a session's client goes away.
     pub kill_grace: Duration,
-    /// Sessions served at once; more wait for a slot.
+    /// Sessions running at once; more wait for a slot (connections still authenticating do
+    /// not count: see the module documentation).
     pub max_sessions: usize,
     /// Authentication on TCP/vsock listeners (Unix listeners use SO_PEERCRED).
     pub auth: Option<Auth>,
@@ -79,6 +92,31 @@ pub struct Registry {
     refused: AtomicU64,
     auth_failures: AtomicU64,
     failed: AtomicU64,
+    /// Authenticated `Start`s waiting for a session slot (a gauge).
+    waiting: AtomicU64,
+    /// Pending connections evicted by newer ones.
+    evicted: AtomicU64,
+    /// When "session limit reached" was last logged.
+    limit_logged: RateLimit,
+    /// When "too many pending connections" was last logged.
+    pending_logged: RateLimit,
+}
+
+/// Lets an event through at most once per [`LIMIT_LOG_PERIOD`]: a flood must not flood the
+/// log too.
+#[derive(Default)]
+struct RateLimit(Mutex<Option<std::time::Instant>>);
+
+impl RateLimit {
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < LIMIT_LOG_PERIOD) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 impl Registry {
@@ -168,6 +206,14 @@ impl StatusSource for Registry {
             self.auth_failures.load(Ordering::Relaxed),
         );
         c.insert("sessions_running".into(), self.len() as u64);
+        c.insert(
+            "sessions_waiting".into(),
+            self.waiting.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "pending_evicted".into(),
+            self.evicted.load(Ordering::Relaxed),
+        );
         c
     }
     fn sessions(&self) -> Vec<SessionStatus> {
@@ -207,14 +253,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(config.max_sessions.max(1)));
+    let admission = Arc::new(Admission {
+        slots: Arc::new(Semaphore::new(config.max_sessions.max(1))),
+        pending: Pending::default(),
+    });
     for listener in listeners {
         let unix = matches!(listener.local_addr(), Addr::Unix(_));
-        let (config, registry, shutdown, slots, t) = (
+        let (config, registry, shutdown, admission, t) = (
             config.clone(),
             registry.clone(),
             shutdown.clone(),
-            slots.clone(),
+            admission.clone(),
             tracker.clone(),
         );
         tracker.spawn(async move {
@@ -232,15 +281,19 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let (config, registry, shutdown) =
-                    (config.clone(), registry.clone(), shutdown.clone());
-                t.spawn(async move {
-                    session(stream, peer, unix, config, registry, shutdown).await;
-                    drop(permit);
-                });
+                // Never wait here: the accept loop must keep taking connections so a full
+                // server still authenticates clients (they then wait for a slot) and a flood
+                // of silent connections evicts its own oldest rather than blocking anyone.
+                let ticket = Admission::admit(&admission, &registry);
+                let (config, registry, shutdown, admission) = (
+                    config.clone(),
+                    registry.clone(),
+                    shutdown.clone(),
+                    admission.clone(),
+                );
+                t.spawn(session(
+                    stream, peer, unix, ticket, admission, config, registry, shutdown,
+                ));
             }
         });
     }
@@ -248,17 +301,90 @@ pub async fn run(
     tracker.wait().await;
 }
 
+/// The two admission stages shared by every listener.
+struct Admission {
+    /// One permit per running session (`--max-sessions`); taken after authentication.
+    slots: Arc<Semaphore>,
+    /// Connections not yet authenticated or without their first message.
+    pending: Pending,
+}
+
+/// Pending connections, oldest first, each with the token that evicts it.
+#[derive(Default)]
+struct Pending {
+    /// Held only to push, pop or remove one entry.
+    queue: Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next: AtomicU64,
+}
+
+impl Admission {
+    /// Registers a new connection as pending, evicting the oldest pending one when
+    /// [`MAX_PENDING`] are.
+    fn admit(this: &Arc<Admission>, registry: &Registry) -> Ticket {
+        let pending = &this.pending;
+        let id = pending.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut q = pending.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PENDING {
+            if let Some((_, oldest)) = q.pop_front() {
+                oldest.cancel();
+                registry.evicted.fetch_add(1, Ordering::Relaxed);
+                if registry.pending_logged.due() {
+                    tracing::warn!(
+                        max = MAX_PENDING,
+                        evicted = registry.evicted.load(Ordering::Relaxed),
+                        "too many connections without a first message: evicting the oldest (a flood of idle connections?)"
+                    );
+                }
+            }
+        }
+        q.push_back((id, token.clone()));
+        Ticket {
+            admission: this.clone(),
+            id,
+            token,
+        }
+    }
+}
+
+/// A connection's place among the pending ones; dropping it leaves the queue.
+struct Ticket {
+    admission: Arc<Admission>,
+    id: u64,
+    /// Cancelled when a newer connection evicts this one.
+    token: CancellationToken,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let pending = &self.admission.pending;
+        let mut q = pending.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = q.iter().position(|(id, _)| *id == self.id) {
+            q.remove(i);
+        }
+    }
+}
+
 type Writer = Arc<tokio::sync::Mutex<crate::wire::addr::WriteHalf>>;
+type Frames = FramedRead<crate::wire::addr::ReadHalf, FrameDecoder>;
 
 /// Why a session ended abnormally (logged; the client has been told when it could be).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("authentication failed: {0}")]
     Auth(String),
-    #[error("the client sent nothing within {START_TIMEOUT:?}")]
+    #[error("the client did not authenticate and send its first message within {START_TIMEOUT:?}")]
     Timeout,
+    #[error(
+        "evicted while pending: {MAX_PENDING} newer connections arrived before its first message"
+    )]
+    Evicted,
     #[error("the client closed the connection before starting a program")]
     NoStart,
+    #[error("the client went away while waiting for a session slot")]
+    GaveUp,
+    #[error("rexec_server is shutting down")]
+    Shutdown,
     #[error("protocol error: {0}")]
     Proto(#[from] proto::ProtoError),
     #[error("stdin window exceeded ({0} bytes unacknowledged): the client ignores flow control")]
@@ -267,34 +393,36 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
-    mut stream: Stream,
+    stream: Stream,
     peer: String,
     unix: bool,
+    ticket: Ticket,
+    admission: Arc<Admission>,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
     let r = async {
-        authenticate(&mut stream, &peer, unix, &config).await?;
-        let (rd, wr) = stream.into_split();
-        let writer: Writer = Arc::new(tokio::sync::Mutex::new(wr));
-        // Room for a whole stdin frame from the start: a codec whose buffer begins small
-        // reallocates to the exact size of each frame, and bulk stdin then moves about 15%
-        // slower (measured). Untouched capacity costs no page faults.
-        let mut frames = FramedRead::with_capacity(
-            rd,
-            FrameDecoder::new(proto::MAX_FRAME),
-            CHUNK + 2 * crate::wire::frame::HEADER_LEN,
-        );
-        let first = match tokio::time::timeout(START_TIMEOUT, frames.next()).await {
-            Err(_) => return Err(SessionError::Timeout),
-            Ok(None) => return Err(SessionError::NoStart),
-            Ok(Some(f)) => Msg::from_frame(f.map_err(proto::ProtoError::from)?)?,
+        let opened = tokio::select! {
+            r = tokio::time::timeout(START_TIMEOUT, open(stream, &peer, unix, &config)) => {
+                r.map_err(|_| SessionError::Timeout).and_then(|r| r)
+            }
+            _ = ticket.token.cancelled() => Err(SessionError::Evicted),
+            _ = shutdown.cancelled() => Err(SessionError::Shutdown),
         };
+        drop(ticket);
+        let (first, mut frames, writer) = opened?;
         match first {
             Msg::Start(start) => {
-                run_program(*start, frames, writer, &peer, &config, &registry, &shutdown).await
+                let slot =
+                    session_slot(&admission.slots, &mut frames, &config, &registry, &shutdown)
+                        .await?;
+                let r =
+                    run_program(*start, frames, writer, &peer, &config, &registry, &shutdown).await;
+                drop(slot);
+                r
             }
             Msg::Kill { pid, signal } => {
                 let reply = kill_request(&registry, pid, signal, &peer);
@@ -314,15 +442,81 @@ async fn session(
         }
     }
     .await;
-    if let Err(e) = r {
-        if matches!(e, SessionError::Auth(_)) {
+    match r {
+        Ok(()) | Err(SessionError::Shutdown) => {}
+        Err(e @ SessionError::Auth(_)) => {
             registry.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer, error = %e, "rexec connection refused");
-        } else {
+        }
+        // Counted and logged (rate-limited) where the eviction happened.
+        Err(e @ SessionError::Evicted) => {
+            tracing::debug!(peer = %peer, error = %e, "rexec connection dropped")
+        }
+        Err(e) => {
             registry.failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(peer = %peer, error = %e, "rexec session ended abnormally");
         }
     }
+}
+
+/// Authenticates a new connection and reads its first message.
+async fn open(
+    mut stream: Stream,
+    peer: &str,
+    unix: bool,
+    config: &ServerConfig,
+) -> Result<(Msg, Frames, Writer), SessionError> {
+    authenticate(&mut stream, peer, unix, config).await?;
+    let (rd, wr) = stream.into_split();
+    let writer: Writer = Arc::new(tokio::sync::Mutex::new(wr));
+    // Room for a whole stdin frame from the start: a codec whose buffer begins small
+    // reallocates to the exact size of each frame, and bulk stdin then moves about 15%
+    // slower (measured). Untouched capacity costs no page faults.
+    let mut frames = FramedRead::with_capacity(
+        rd,
+        FrameDecoder::new(proto::MAX_FRAME),
+        CHUNK + 2 * crate::wire::frame::HEADER_LEN,
+    );
+    let first = match frames.next().await {
+        None => return Err(SessionError::NoStart),
+        Some(f) => Msg::from_frame(f.map_err(proto::ProtoError::from)?)?,
+    };
+    Ok((first, frames, writer))
+}
+
+/// A session slot for an authenticated `Start`, waiting for one while `--max-sessions`
+/// sessions run. The client sends nothing until it hears `Started`, so anything arriving
+/// meanwhile means it went away (or broke the protocol): then no program is started.
+async fn session_slot(
+    slots: &Arc<Semaphore>,
+    frames: &mut Frames,
+    config: &ServerConfig,
+    registry: &Registry,
+    shutdown: &CancellationToken,
+) -> Result<tokio::sync::OwnedSemaphorePermit, SessionError> {
+    if let Ok(p) = slots.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    let waiting = registry.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+    if registry.limit_logged.due() {
+        tracing::warn!(
+            max_sessions = config.max_sessions,
+            waiting,
+            "session limit reached: new sessions wait for a running one to end"
+        );
+    }
+    let r = tokio::select! {
+        p = slots.clone().acquire_owned() => p.map_err(|_| SessionError::Shutdown),
+        _ = shutdown.cancelled() => Err(SessionError::Shutdown),
+        f = frames.next() => Err(match f {
+            None | Some(Err(_)) => SessionError::GaveUp,
+            Some(Ok(f)) => SessionError::Io(std::io::Error::other(format!(
+                "message op {} before the program started", f.op
+            ))),
+        }),
+    };
+    registry.waiting.fetch_sub(1, Ordering::Relaxed);
+    r
 }
 
 async fn authenticate(
@@ -402,7 +596,7 @@ fn lossy(b: &[u8]) -> String {
 #[allow(clippy::too_many_arguments)]
 async fn run_program(
     start: Start,
-    mut frames: FramedRead<crate::wire::addr::ReadHalf, FrameDecoder>,
+    mut frames: Frames,
     writer: Writer,
     peer: &str,
     config: &ServerConfig,
@@ -423,10 +617,19 @@ async fn run_program(
         .find(|(k, _)| k == b"PATH")
         .map(|(_, v)| OsStr::from_bytes(v));
     let argv0 = start.argv.first().map(Vec::as_slice).unwrap_or_default();
-    let prog = match whitelist::check(&config.whitelist, argv0, client_path, &cwd) {
+    let prog = match whitelist::check(config.whitelist.as_ref(), argv0, client_path, &cwd) {
         Ok(p) => p,
         Err(refusal) => {
             registry.refused.fetch_add(1, Ordering::Relaxed);
+            if let whitelist::Refusal::Whitelist(why) = &refusal {
+                // Not one client's mistake: the server refuses everything until it is fixed.
+                let file = config
+                    .whitelist
+                    .as_ref()
+                    .map(|p| p.path().display().to_string());
+                tracing::error!(whitelist = ?file, error = %why, peer, argv = ?argv_text,
+                    "rexec whitelist unusable: refusing every command");
+            }
             tracing::warn!(peer, argv = ?argv_text, reason = %refusal, "rexec command refused");
             let msg = Msg::Error {
                 errno: refusal.errno(),
@@ -459,9 +662,20 @@ async fn run_program(
         cmd.stdin(slave).stdout(out).stderr(err);
         pty_master = Some(master);
     } else {
+        // An output the client has closed is a pipe without a reader from the start, so the
+        // program's first write fails as it would locally, not only once a write of the
+        // client's failed (by then the program has seen a few writes succeed).
+        let output = |closed: bool| -> std::io::Result<std::process::Stdio> {
+            if !closed {
+                return Ok(std::process::Stdio::piped());
+            }
+            let (reader, writer) = nix::unistd::pipe().map_err(std::io::Error::from)?;
+            drop(reader);
+            Ok(writer.into())
+        };
         cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(output(start.stdout_closed)?)
+            .stderr(output(start.stderr_closed)?)
             .process_group(0);
     }
     // Without a pre-exec hook std spawns with posix_spawn (vfork semantics), much cheaper
@@ -568,6 +782,7 @@ async fn run_program(
         writer,
         bytes_in.clone(),
         bytes_out.clone(),
+        config.kill_grace,
         shutdown,
     )
     .await;
@@ -611,12 +826,14 @@ async fn drive(
     writer: Writer,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
+    kill_grace: Duration,
     shutdown: &CancellationToken,
 ) -> Result<ExitStatus, SessionError> {
     Msg::Started { pid }
         .write_to(&mut *writer.lock().await)
         .await?;
     let stop_stdout = CancellationToken::new();
+    let stop_stderr = CancellationToken::new();
     let mut pumps = tokio::task::JoinSet::new();
     let (stdin_tx, stdin_rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let queued = Arc::new(AtomicU64::new(0));
@@ -641,7 +858,7 @@ async fn drive(
                     op::STDERR,
                     writer.clone(),
                     bytes_out.clone(),
-                    CancellationToken::new(),
+                    stop_stderr.clone(),
                 ));
             }
             tokio::spawn(stdin_writer(
@@ -668,8 +885,11 @@ async fn drive(
             Some(master)
         }
     };
+    let mut pty_master = pty_master;
     let mut stdin_tx = Some(stdin_tx);
     let mut status: Option<ExitStatus> = None;
+    // After a hang-up, when a program that ignored SIGHUP gets SIGKILL.
+    let mut hangup_kill: Option<tokio::time::Instant> = None;
     let mut outputs_done = pumps.is_empty();
     // End-of-file and Exit frames that became due together go out in one write: a short
     // program's stdout, stderr and exit usually end at the same moment, and one wake-up of
@@ -722,6 +942,11 @@ async fn drive(
             _ = shutdown.cancelled() => {
                 return Err(SessionError::Io(std::io::Error::other("rexec_server is shutting down")));
             }
+            _ = tokio::time::sleep_until(hangup_kill.unwrap_or_else(tokio::time::Instant::now)), if hangup_kill.is_some() && status.is_none() => {
+                hangup_kill = None;
+                tracing::info!(pid, "the program outlived its terminal's hang-up by the grace period: SIGKILL");
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
             f = frames.next() => {
                 let Some(f) = f else {
                     return Err(SessionError::Io(std::io::Error::new(
@@ -750,7 +975,18 @@ async fn drive(
                             let _ = pty::set_winsize(m.as_fd(), ws);
                         }
                     }
-                    Msg::CloseStdout => stop_stdout.cancel(),
+                    Msg::CloseStdout => {
+                        stop_stdout.cancel();
+                        if let Some(master) = pty_master.take() {
+                            // The terminal's output has nowhere to go: hang it up, as a dropped
+                            // line (or ssh -t) does, and end the session rather than read
+                            // and discard output forever.
+                            hang_up(pid, &master);
+                            stdin_tx = None;
+                            hangup_kill = Some(tokio::time::Instant::now() + kill_grace);
+                        }
+                    }
+                    Msg::CloseStderr => stop_stderr.cancel(),
                     other => {
                         return Err(SessionError::Io(std::io::Error::other(format!(
                             "unexpected message from the client: {other:?}"
@@ -758,6 +994,25 @@ async fn drive(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Hangs up the program's terminal: SIGHUP and SIGCONT to the session leader's group and the
+/// foreground group, as the kernel sends them when a terminal's line drops. Our reference to
+/// the master is dropped by the caller, so the terminal closes once the pumps let go of it.
+fn hang_up(pid: u32, master: &PtyMaster) {
+    let leader = Pid::from_raw(pid as i32);
+    let foreground = master.foreground_group().unwrap_or(leader);
+    tracing::info!(
+        pid,
+        "the client's terminal output failed: hanging up the program's terminal"
+    );
+    for group in [leader, foreground] {
+        let _ = killpg(group, Signal::SIGHUP);
+        let _ = killpg(group, Signal::SIGCONT);
+        if foreground == leader {
+            break;
         }
     }
 }
@@ -881,14 +1136,29 @@ async fn pump_pty(
 ) -> std::io::Result<u16> {
     const H: usize = crate::wire::frame::HEADER_LEN;
     let mut buf = vec![0u8; H + proto::FIRST_CHUNK];
+    // Once stopped (the program exited, or the terminal was hung up), what is already
+    // buffered is drained until the terminal is quiet for 20 ms, and for PTY_DRAIN at most:
+    // a program still writing (a background child, or one ignoring SIGHUP) cannot keep the
+    // pump, and so the session, going.
+    const PTY_DRAIN: Duration = Duration::from_millis(250);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
-        let n = tokio::select! {
-            // After the program exits, drain what is already buffered, then stop.
-            _ = stop.cancelled() => match tokio::time::timeout(Duration::from_millis(20), master.read(&mut buf[H..])).await {
-                Ok(Ok(n)) if n > 0 => n,
-                _ => break,
+        let n = match drain_until {
+            Some(end) => {
+                let quiet = Duration::from_millis(20)
+                    .min(end.saturating_duration_since(tokio::time::Instant::now()));
+                match tokio::time::timeout(quiet, master.read(&mut buf[H..])).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break,
+                }
+            }
+            None => tokio::select! {
+                _ = stop.cancelled() => {
+                    drain_until = Some(tokio::time::Instant::now() + PTY_DRAIN);
+                    continue;
+                }
+                n = master.read(&mut buf[H..]) => n?,
             },
-            n = master.read(&mut buf[H..]) => n?,
         };
         if n == 0 {
             break;
@@ -994,7 +1264,7 @@ pub fn rexec_dir() -> PathBuf {
 client's argv, environment, working directory, umask and stdio; forwards signals; reports the exit \
 status. Without CMD_NET_ADDR or --listen it listens on the Unix socket /var/run/rexec/rexec_uds.sock \
 (mode 0600; udsproxyd carries it to the other machine). With /etc/rexec/whitelist present only the \
-commands listed there run. Runs in the foreground (systemd Type=notify); SIGTERM stops it, ending \
+commands listed there run, and once it is in force a missing file refuses every command. Runs in the foreground (systemd Type=notify); SIGTERM stops it, ending \
 every session's processes.",
     after_help = "Environment:\n  CMD_NET_ADDR    tcp://IP:PORT or vsock://CID:PORT to listen on (default port 7777)\n  REXEC_RUN_DIR   directory of the Unix socket and pids/ [default: /var/run/rexec]\n\nExamples:\n  rexec_server\n  CMD_NET_ADDR=tcp://0.0.0.0:7777 rexec_server\n  rexec_server --listen vsock://4294967295:7777 --kill-grace 5s\n\nFiles: /etc/rexec/whitelist, /etc/dpuctl/psk, /var/run/rexec/rexec_uds.sock, /var/run/qtfs/rexec_server.ctl\nSee docs/rexec.md."
 )]
@@ -1005,13 +1275,16 @@ struct ServerArgs {
     /// Also listen on the default Unix socket when --listen/CMD_NET_ADDR is given
     #[arg(long)]
     uds: bool,
-    /// The rexec command whitelist
-    #[arg(long, value_name = "FILE", default_value = whitelist::DEFAULT_WHITELIST)]
-    whitelist: PathBuf,
+    /// The rexec command whitelist; named here, it must exist [default: /etc/rexec/whitelist, if it exists]
+    #[arg(long, value_name = "FILE")]
+    whitelist: Option<PathBuf>,
+    /// Run every command, even if /etc/rexec/whitelist exists (closed test setups only)
+    #[arg(long, conflicts_with = "whitelist")]
+    no_whitelist: bool,
     /// Grace period between SIGTERM and SIGKILL when a client goes away
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     kill_grace: Duration,
-    /// Sessions served at once
+    /// Sessions running at once; more clients wait for one to end
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_sessions: usize,
     /// Config file [default: $DPUCTL_CONFIG, else /etc/dpuctl/config.toml]
@@ -1080,22 +1353,18 @@ async fn run_main(a: ServerArgs) -> Result<(), StartError> {
         // a missing key file must not stop the server (validation checks it otherwise).
         config.common.insecure = true;
     }
-    // Refuse to start on a bad whitelist before anything is bound.
-    match Whitelist::load(&a.whitelist) {
-        Ok(Some(w)) => {
-            eprintln!(
-                "rexec_server: whitelist {}: {} entries",
-                a.whitelist.display(),
-                w.paths.len() + w.names.len()
-            );
-        }
-        Ok(None) => {}
-        Err(e) => return Err(StartError::Usage(e.to_string())),
-    }
+    let policy = whitelist_policy(&a)?;
     let (daemon, reloads) = Daemon::start("rexec_server", &config, source, common).await?;
-    if !a.whitelist.exists() {
-        tracing::warn!(whitelist = %a.whitelist.display(), "no rexec whitelist: every command may run; create it (mode 0400, owned by root) to restrict");
+    match &policy {
+        None => tracing::warn!("--no-whitelist: every command may run"),
+        Some(p) if !p.is_required() => {
+            tracing::warn!(whitelist = %p.path().display(), "no rexec whitelist: every command may run; create it (mode 0400, owned by root) to restrict")
+        }
+        Some(_) => {}
     }
+    let whitelist_shown = policy
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |p| p.path().display().to_string());
     let auth = if networked {
         Some(runner::auth(&config)?)
     } else {
@@ -1130,12 +1399,12 @@ async fn run_main(a: ServerArgs) -> Result<(), StartError> {
     );
     daemon.set_status_source(registry.clone());
     let server_config = Arc::new(ServerConfig {
-        whitelist: a.whitelist.clone(),
+        whitelist: policy,
         kill_grace: a.kill_grace,
         max_sessions: a.max_sessions,
         auth,
     });
-    tracing::info!(listen = ?registry.listen(), whitelist = %a.whitelist.display(), "rexec_server starting");
+    tracing::info!(listen = ?registry.listen(), whitelist = %whitelist_shown, "rexec_server starting");
     daemon.ready();
     let task = tokio::spawn(run(
         listeners,
@@ -1146,6 +1415,37 @@ async fn run_main(a: ServerArgs) -> Result<(), StartError> {
     daemon.serve_until_shutdown(reloads).await;
     let _ = task.await;
     Ok(())
+}
+
+/// The whitelist policy, checked before anything is bound: a bad file refuses to start, and
+/// so does a file named with `--whitelist` that does not exist (the operator asked for a
+/// restriction). The default file, when present, is required from then on; when absent,
+/// every command may run until it appears.
+fn whitelist_policy(a: &ServerArgs) -> Result<Option<Policy>, StartError> {
+    if a.no_whitelist {
+        return Ok(None);
+    }
+    let path = a
+        .whitelist
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(whitelist::DEFAULT_WHITELIST));
+    match Whitelist::load(&path) {
+        Ok(Some(w)) => {
+            eprintln!(
+                "rexec_server: whitelist {}: {} entries",
+                path.display(),
+                w.paths.len() + w.names.len()
+            );
+            Ok(Some(Policy::new(path, true)))
+        }
+        Ok(None) if a.whitelist.is_some() => Err(StartError::Usage(format!(
+            "the rexec whitelist {} does not exist: create it (mode 0400, owned by root), or \
+             use --no-whitelist to let every command run",
+            path.display()
+        ))),
+        Ok(None) => Ok(Some(Policy::new(path, false))),
+        Err(e) => Err(StartError::Usage(e.to_string())),
+    }
 }
 
 /// Creates the socket's directory and `pids/` beside it (mode 0755).

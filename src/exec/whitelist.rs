@@ -13,17 +13,26 @@
 //! While a whitelist is in force, bare command names are looked up in [`TRUSTED_PATH`],
 //! never in the client's `PATH`, so a client cannot steer name resolution.
 //!
-//! The file must be owned by root and not writable by group or others; otherwise the server
-//! refuses to start, and a session arriving after the file went bad is refused.
+//! The file must be owned by root and not writable by group or others, and so must every
+//! directory above it (a directory others may write is accepted only with the sticky bit, as
+//! `/tmp`), checked on the path with symlinks resolved as sshd's StrictModes does: otherwise
+//! anyone who can rename an entry on the way could swap the list. A bad file stops the server
+//! at start, and a session arriving after the file went bad is refused.
 //!
-//! Concurrency: pure functions over the filesystem; the server re-reads the file for every
-//! session so edits apply at once without a reload.
+//! [`Policy`] fails closed: once the server has a whitelist (the file existed at start, was
+//! named with `--whitelist`, or has been read since), a missing or unreadable file refuses
+//! every command instead of meaning "no restriction".
+//!
+//! Concurrency: [`Policy`] holds one atomic flag; everything else is pure functions over the
+//! filesystem. The server re-reads the file for every session so edits apply at once without
+//! a reload.
 
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The default whitelist file.
 pub const DEFAULT_WHITELIST: &str = "/etc/rexec/whitelist";
@@ -56,6 +65,20 @@ pub enum WhitelistError {
     Owner { path: PathBuf, uid: u32 },
     #[error("the rexec whitelist {path} has mode {mode:04o} and is writable by group or others: `chmod 0400 {path}`")]
     Mode { path: PathBuf, mode: u32 },
+    #[error("the rexec whitelist {path} lies in {dir}, which is owned by uid {uid}, not root: `chown root {dir}`")]
+    DirOwner {
+        path: PathBuf,
+        dir: PathBuf,
+        uid: u32,
+    },
+    #[error("the rexec whitelist {path} lies in {dir} (mode {mode:04o}), which group or others may write without the sticky bit: `chmod go-w {dir}`")]
+    DirMode {
+        path: PathBuf,
+        dir: PathBuf,
+        mode: u32,
+    },
+    #[error("the rexec whitelist {path} is missing: every command is refused until it is restored (mode 0400, owned by root)")]
+    Missing { path: PathBuf },
     #[error(
         "the rexec whitelist {path} is larger than 1 MiB: it should list commands, one per line"
     )]
@@ -96,14 +119,21 @@ impl Refusal {
 }
 
 impl Whitelist {
-    /// Loads `path`: `Ok(None)` when the file does not exist. Ownership and mode are checked
-    /// on the opened file (fstat), so a swap between check and read cannot slip through.
+    /// Loads `path`: `Ok(None)` when the file does not exist. The directories above the file
+    /// are checked on its symlink-free path (`check_dirs`); ownership and mode of the file
+    /// itself on the opened file (fstat), so a swap between check and read cannot slip through.
     pub fn load(path: &Path) -> Result<Option<Whitelist>, WhitelistError> {
         let read_err = |source| WhitelistError::Read {
             path: path.to_path_buf(),
             source,
         };
-        let file = match std::fs::File::open(path) {
+        let real = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        check_dirs(path, &real)?;
+        let file = match std::fs::File::open(&real) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_err(e)),
@@ -177,6 +207,83 @@ impl Whitelist {
     }
 }
 
+/// Checks every directory above `real` (the whitelist `path` with symlinks resolved): each
+/// must be owned by root and not writable by group or others unless it has the sticky bit
+/// (where others may add entries but not rename or remove root's). The path is free of
+/// symlinks and every directory on it is root's, so nobody else can redirect it afterwards.
+fn check_dirs(path: &Path, real: &Path) -> Result<(), WhitelistError> {
+    for dir in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(|source| WhitelistError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.uid() != 0 {
+            return Err(WhitelistError::DirOwner {
+                path: path.to_path_buf(),
+                dir: dir.to_path_buf(),
+                uid: meta.uid(),
+            });
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(WhitelistError::DirMode {
+                path: path.to_path_buf(),
+                dir: dir.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The server's whitelist: its file and whether one is in force. A missing file means "no
+/// restriction" only as long as the server has never had a whitelist; from the moment it has
+/// (the file existed at start, was named explicitly, or appeared since), a missing file
+/// refuses every command — deleting or renaming the file never opens the server up.
+#[derive(Debug)]
+pub struct Policy {
+    path: PathBuf,
+    /// Set once a whitelist is in force; never cleared while the server runs. Atomic because
+    /// sessions load the policy concurrently; a session that races the first load at worst
+    /// reads the file itself, which gives the same answer.
+    required: AtomicBool,
+}
+
+impl Policy {
+    /// The policy for `path`; `required` when the file must exist (named explicitly, or
+    /// found at start).
+    pub fn new(path: PathBuf, required: bool) -> Policy {
+        Policy {
+            path,
+            required: AtomicBool::new(required),
+        }
+    }
+
+    /// The whitelist file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when a missing file refuses every command.
+    pub fn is_required(&self) -> bool {
+        self.required.load(Ordering::Relaxed)
+    }
+
+    /// Reads the whitelist now: `Ok(None)` only while no whitelist has ever been in force.
+    pub fn load(&self) -> Result<Option<Whitelist>, WhitelistError> {
+        match Whitelist::load(&self.path)? {
+            None if self.is_required() => Err(WhitelistError::Missing {
+                path: self.path.clone(),
+            }),
+            None => Ok(None),
+            Some(w) => {
+                self.required.store(true, Ordering::Relaxed);
+                Ok(Some(w))
+            }
+        }
+    }
+}
+
 /// Resolves `argv0` like execvp: a name containing `/` is taken as is (relative to `cwd`),
 /// otherwise it is looked up in `search_path`.
 pub fn resolve(argv0: &[u8], search_path: &OsStr, cwd: &Path) -> Result<PathBuf, Refusal> {
@@ -226,15 +333,22 @@ fn executable(p: &Path) -> Option<bool> {
     Some(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
-/// The single allow decision for a session: resolves `argv[0]` and applies the whitelist
-/// file at `whitelist` (if it exists). Returns the program to execute.
+/// The single allow decision for a session: resolves `argv[0]` and applies the whitelist of
+/// `policy` (a whitelist that cannot be read refuses; `None`, `--no-whitelist`: none).
+/// Returns the program to execute.
 pub fn check(
-    whitelist: &Path,
+    policy: Option<&Policy>,
     argv0: &[u8],
     client_path: Option<&OsStr>,
     cwd: &Path,
 ) -> Result<PathBuf, Refusal> {
-    let list = Whitelist::load(whitelist).map_err(|e| Refusal::Whitelist(e.to_string()))?;
+    let Some(policy) = policy else {
+        return resolve(argv0, client_path.unwrap_or(OsStr::new(TRUSTED_PATH)), cwd);
+    };
+    let whitelist = policy.path();
+    let list = policy
+        .load()
+        .map_err(|e| Refusal::Whitelist(e.to_string()))?;
     let search = match (&list, client_path) {
         (None, Some(p)) => p,
         _ => OsStr::new(TRUSTED_PATH),
@@ -314,7 +428,89 @@ mod tests {
         }
         let e = Whitelist::load(&p).unwrap_err();
         assert!(matches!(e, WhitelistError::Owner { .. }), "{e}");
-        let r = check(&p, b"true", None, Path::new("/")).unwrap_err();
+        let r = check(Some(&Policy::new(p, false)), b"true", None, Path::new("/")).unwrap_err();
         assert_eq!(r.errno(), libc::EPERM);
+    }
+
+    #[test]
+    fn a_whitelist_once_in_force_fails_closed_when_it_goes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: the whitelist must be owned by root; run the tests as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("whitelist");
+        let cwd = Path::new("/");
+        // No file at start and none named: no restriction, until a file appears.
+        let open = Policy::new(p.clone(), false);
+        assert!(check(Some(&open), b"cat", None, cwd).is_ok());
+        std::fs::write(&p, "true\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(check(Some(&open), b"true", None, cwd).is_ok());
+        assert!(matches!(
+            check(Some(&open), b"cat", None, cwd),
+            Err(Refusal::NotAllowed(..))
+        ));
+        // Renamed away: everything is refused, naming the file.
+        std::fs::rename(&p, dir.path().join("whitelist.bak")).unwrap();
+        for policy in [&open, &Policy::new(p.clone(), true)] {
+            for argv0 in [&b"true"[..], b"cat", b"/bin/ls"] {
+                let r = check(Some(policy), argv0, None, cwd).unwrap_err();
+                assert!(
+                    matches!(&r, Refusal::Whitelist(m) if m.contains("whitelist") && m.contains("missing")),
+                    "{r}"
+                );
+                assert_eq!(r.errno(), libc::EPERM);
+            }
+        }
+        // Unreadable (a directory in its place) refuses too.
+        std::fs::create_dir(&p).unwrap();
+        assert!(matches!(
+            check(Some(&open), b"true", None, cwd),
+            Err(Refusal::Whitelist(_))
+        ));
+    }
+
+    #[test]
+    fn every_directory_above_the_file_is_checked() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: the whitelist must be owned by root; run the tests as root");
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        let mid = top.path().join("a");
+        let sub = mid.join("b");
+        std::fs::create_dir_all(&sub).unwrap();
+        let p = sub.join("whitelist");
+        std::fs::write(&p, "true\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(Whitelist::load(&p).unwrap().is_some());
+        let chmod =
+            |d: &Path, m| std::fs::set_permissions(d, std::fs::Permissions::from_mode(m)).unwrap();
+        // A grandparent others may write: refused, naming it.
+        chmod(&mid, 0o777);
+        let e = Whitelist::load(&p).unwrap_err();
+        assert!(
+            matches!(&e, WhitelistError::DirMode { dir, mode: 0o777, .. } if dir == &mid),
+            "{e}"
+        );
+        // Through a symlink the real directories are checked.
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(&sub, &link).unwrap();
+        assert!(matches!(
+            Whitelist::load(&link.join("whitelist")),
+            Err(WhitelistError::DirMode { .. })
+        ));
+        // With the sticky bit (as /tmp) it is fine.
+        chmod(&mid, 0o1777);
+        assert!(Whitelist::load(&p).unwrap().is_some());
+        chmod(&mid, 0o755);
+        // A parent owned by someone else: refused.
+        std::os::unix::fs::chown(&sub, Some(65534), None).unwrap();
+        let e = Whitelist::load(&p).unwrap_err();
+        assert!(
+            matches!(&e, WhitelistError::DirOwner { dir, uid: 65534, .. } if dir == &sub),
+            "{e}"
+        );
     }
 }
