@@ -577,11 +577,20 @@ impl Outcome {
                 path,
                 index,
                 persist,
-            } => format!(
-                "Removed [index:{index}][path:{path}] from the <{}> white list; later entries moved up by one.\n{}",
-                list_type.section(),
-                saved(*persist)
-            ),
+            } => {
+                let mut out = format!(
+                    "Removed [index:{index}][path:{path}] from the <{}> white list; later entries moved up by one.\n{}",
+                    list_type.section(),
+                    saved(*persist)
+                );
+                if *list_type == ListType::Mount {
+                    out.push_str(
+                        "Mounts no longer covered by a [Mount] entry lose access at their next request (EACCES).\n\
+                         An engine refuses to start without any [Mount] entry: keep at least one, or its next start fails.\n",
+                    );
+                }
+                out
+            }
         }
     }
 

@@ -555,6 +555,30 @@ fn timespec(t: SetTime) -> libc::timespec {
     }
 }
 
+/// True when `path` was not reported in the last minute (engine-wide), for warnings that
+/// a reconnecting client or a busy mount would otherwise repeat many times a second.
+fn first_in_a_while(path: &Path) -> bool {
+    static LAST: Mutex<Option<HashMap<PathBuf, std::time::Instant>>> = Mutex::new(None);
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let last = last.get_or_insert_with(HashMap::new);
+    let now = std::time::Instant::now();
+    if last
+        .get(path)
+        .is_some_and(|t| now.duration_since(*t) < QUIET)
+    {
+        return false;
+    }
+    if last.len() >= 1024 {
+        last.retain(|_, t| now.duration_since(*t) < QUIET);
+        if last.len() >= 1024 {
+            last.clear();
+        }
+    }
+    last.insert(path.to_path_buf(), now);
+    true
+}
+
 /// POSIX lock range from FUSE (`end` inclusive, OFFSET_MAX = to EOF) to a flock64.
 fn flock_of(l: &Lock) -> libc::flock64 {
     // SAFETY-free: flock64 is plain data, built field by field.
@@ -703,6 +727,22 @@ impl FsServer {
         self.lock().mounts.get(mount).map(|m| m.root.clone())
     }
 
+    /// EACCES once the export `mount` is no longer covered by a `[Mount]` entry (an operator
+    /// removed it with qtcfg): the allowlist governs existing mounts too, from their next
+    /// request on.
+    fn still_exported(&self, mount: usize) -> Result<(), Errno> {
+        let Some(root) = self.mount_root(mount) else {
+            return Err(Errno(libc::ESTALE));
+        };
+        if self.policy.allows(ListType::Mount, &root) {
+            return Ok(());
+        }
+        if first_in_a_while(&root) {
+            tracing::warn!(list = %ListType::Mount, path = %root.display(), "qtfs request on a mount whose [Mount] entry was removed: denied");
+        }
+        Err(Errno(libc::EACCES))
+    }
+
     /// The single policy gate, run before dispatch: name validation, read-only mounts,
     /// root squashing, and the per-type allowlists. Denials return EACCES and log the
     /// type and HOST path.
@@ -730,7 +770,10 @@ impl FsServer {
                 // whatever it points to.
                 let real = std::fs::canonicalize(&lexical).map_err(Errno::from)?;
                 if !self.policy.allows(T::Mount, &real) {
-                    tracing::warn!(list = %T::Mount, path = %real.display(), "qtfs mount denied by allowlist: add it with `qtcfg -w mount -x <path>`");
+                    // A mount that keeps reconnecting asks every few seconds: say it once a minute.
+                    if first_in_a_while(&real) {
+                        tracing::warn!(list = %T::Mount, path = %real.display(), "qtfs mount denied by allowlist: add it with `qtcfg -w mount -x <path>`");
+                    }
                     return Err(Errno(libc::EACCES));
                 }
                 return Ok(Grant {
@@ -881,10 +924,26 @@ impl FsServer {
                 None
             }
         };
+        // An export whose [Mount] entry was removed is closed to every request but clean-up.
+        let mount_of_handle = match req {
+            Read { fh, .. }
+            | Write { fh, .. }
+            | Fsync { fh, .. }
+            | Getlk { fh, .. }
+            | Setlk { fh, .. }
+            | Lseek { fh, .. }
+            | Fallocate { fh, .. }
+            | CopyFileRange { fh_out: fh, .. } => Some(self.handle_of(*fh)?.mount),
+            _ => None,
+        };
+        if let Some(mount) = mount_of_handle {
+            self.still_exported(mount)?;
+        }
         let mut creds = creds;
         let mut root = None;
         if let Some(id) = anchor {
             let (_, mount) = self.node(id)?;
+            self.still_exported(mount)?;
             root = self.mount_root(mount);
             let flags = self.mount_flags(mount);
             if modifies && flags & mount_flags::READ_ONLY != 0 {
