@@ -15,6 +15,11 @@ fn send(what: &str, states: &[NotifyState<'_>]) {
     }
 }
 
+/// True when systemd listens for notifications (`NOTIFY_SOCKET` is set).
+pub fn enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// The daemon is listening and serving (`READY=1`).
 pub fn ready() {
     send("ready", &[NotifyState::Ready]);

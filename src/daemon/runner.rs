@@ -24,6 +24,9 @@ use crate::daemon::status::{DaemonStatus, PeerStatus};
 use crate::daemon::{LogHandle, LogTarget};
 use crate::wire::{Auth, Psk};
 
+/// How often a daemon run by systemd refreshes its one-line `STATUS=`.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Settings shared by every daemon, after command-line overrides.
 #[derive(Debug, Clone)]
 pub struct CommonArgs {
@@ -210,9 +213,16 @@ impl Daemon {
         self: &Arc<Self>,
         mut reloads: tokio::sync::mpsc::Receiver<()>,
     ) {
+        // systemctl status shows what the daemon does now, refreshed every few seconds.
+        let notify = crate::daemon::notify::enabled();
+        let mut summary = tokio::time::interval(STATUS_EVERY);
+        summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                _ = summary.tick(), if notify => {
+                    crate::daemon::notify::status(&self.status().summary());
+                }
                 r = reloads.recv() => match r {
                     Some(()) => {
                         crate::daemon::notify::reloading();

@@ -72,6 +72,45 @@ pub struct DaemonStatus {
     pub sessions: Vec<SessionStatus>,
 }
 
+impl DaemonStatus {
+    /// One line saying what the daemon is doing now, for systemd's `STATUS=` (shown by
+    /// `systemctl status`): its mount, how many of its peers are connected, its proxied
+    /// connections or rexec sessions.
+    pub fn summary(&self) -> String {
+        fn count(n: usize, what: &str) -> String {
+            format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+        }
+        let mut parts = Vec::new();
+        if let Some(m) = &self.mount {
+            parts.push(format!("{} {} on {}", m.state, m.remote, m.local));
+        } else if !self.listen.is_empty() {
+            parts.push(format!("listening on {}", self.listen.join(", ")));
+        }
+        if !self.peers.is_empty() && self.mount.is_none() {
+            let up = self
+                .peers
+                .iter()
+                .filter(|p| p.state == PeerState::Connected)
+                .count();
+            parts.push(if up == self.peers.len() {
+                format!("{} connected", count(up, "peer"))
+            } else {
+                format!("{up} of {} connected", count(self.peers.len(), "peer"))
+            });
+        }
+        if !self.connections.is_empty() {
+            parts.push(count(self.connections.len(), "proxied connection"));
+        }
+        if self.name == "rexec_server" {
+            parts.push(count(self.sessions.len(), "session"));
+        }
+        if parts.is_empty() {
+            parts.push("serving".into());
+        }
+        parts.join("; ")
+    }
+}
+
 /// One qtfs mount, reported by its `mount.qtfs` process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MountStatus {
@@ -136,4 +175,67 @@ pub struct SessionStatus {
     /// Where the client connected from.
     #[serde(default)]
     pub peer: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon(name: &str) -> DaemonStatus {
+        DaemonStatus {
+            name: name.into(),
+            pid: 1,
+            control: String::new(),
+            version: String::new(),
+            uptime_secs: 0,
+            listen: vec!["tcp://0.0.0.0:12345".into()],
+            peers: Vec::new(),
+            allowlists: BTreeMap::new(),
+            log_level: String::new(),
+            counters: BTreeMap::new(),
+            mount: None,
+            connections: Vec::new(),
+            sessions: Vec::new(),
+        }
+    }
+
+    fn peer(state: PeerState) -> PeerStatus {
+        PeerStatus {
+            address: "tcp://127.0.0.1:1".into(),
+            state,
+            bytes_in: 0,
+            bytes_out: 0,
+            role: None,
+            rtt_us: None,
+            since_secs: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn summaries_say_what_each_daemon_does() {
+        let mut engine = daemon("engine");
+        assert_eq!(engine.summary(), "listening on tcp://0.0.0.0:12345");
+        engine.peers = vec![peer(PeerState::Connected), peer(PeerState::Connecting)];
+        assert_eq!(
+            engine.summary(),
+            "listening on tcp://0.0.0.0:12345; 1 of 2 peers connected"
+        );
+        let mut rexec = daemon("rexec_server");
+        rexec.listen.clear();
+        assert_eq!(rexec.summary(), "0 sessions");
+        let mut mount = daemon("mount");
+        mount.peers = vec![peer(PeerState::Connected)];
+        mount.mount = Some(Box::new(MountStatus {
+            remote: "/var/lib/docker".into(),
+            local: "/another_rootfs/var/lib/docker".into(),
+            options: String::new(),
+            state: "mounted".into(),
+            ops: BTreeMap::new(),
+        }));
+        assert_eq!(
+            mount.summary(),
+            "mounted /var/lib/docker on /another_rootfs/var/lib/docker"
+        );
+    }
 }
