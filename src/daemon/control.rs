@@ -950,6 +950,43 @@ pub fn try_discover(run_dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
+/// Removes the control sockets in `run_dir` whose daemon is provably gone, and returns
+/// them: `mount-<pid>.ctl` when no process `pid` exists, `<name>.ctl` when nobody holds
+/// `<name>.lock` (every daemon holds its instance lock before it binds its socket, and the
+/// kernel drops the lock when it dies, however it dies). A daemon killed with SIGKILL, or
+/// one that failed at start, otherwise leaves a socket that makes `dpuctl status` fail until
+/// someone deletes it. Anything not provably stale is left alone.
+pub fn prune_stale(run_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (name, path) in discover(run_dir) {
+        let gone = match name.strip_prefix("mount-").map(str::parse::<i32>) {
+            Some(Ok(pid)) if pid > 0 => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+            }
+            Some(_) => false,
+            None => lock_is_free(&run_dir.join(format!("{name}.lock"))),
+        };
+        // Nobody listening is the last check: a socket that answers is never removed.
+        let refused = || {
+            std::os::unix::net::UnixStream::connect(&path)
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+        };
+        if gone && refused() && std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// True when the instance lock file `path` exists and nobody holds it.
+fn lock_is_free(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+}
+
 /// The control socket path of daemon `name` in `run_dir`.
 pub fn socket_path(run_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     run_dir.join(format!("{name}.ctl"))
@@ -958,6 +995,48 @@ pub fn socket_path(run_dir: &std::path::Path, name: &str) -> std::path::PathBuf 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_sockets_of_daemons_that_are_gone_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        // A socket file nobody listens on.
+        let dead_socket = |name: &str| {
+            drop(std::os::unix::net::UnixListener::bind(run.join(name)).unwrap());
+        };
+        dead_socket("engine.ctl");
+        std::fs::write(run.join("engine.lock"), "1").unwrap();
+        dead_socket("udsproxyd.ctl");
+        let _held = crate::daemon::lock::Lock::acquire(run, "udsproxyd").unwrap();
+        dead_socket("rexec_server.ctl"); // no lock file: not provably gone
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        let mut child = child;
+        child.wait().unwrap();
+        dead_socket(&format!("mount-{dead}.ctl"));
+        dead_socket(&format!("mount-{}.ctl", std::process::id()));
+        // A socket that answers is never removed, whatever its lock says.
+        let _live = std::os::unix::net::UnixListener::bind(run.join("tui.ctl")).unwrap();
+        std::fs::write(run.join("tui.lock"), "1").unwrap();
+
+        let mut removed = prune_stale(run);
+        removed.sort();
+        let mut want = vec![
+            run.join("engine.ctl"),
+            run.join(format!("mount-{dead}.ctl")),
+        ];
+        want.sort();
+        assert_eq!(removed, want);
+        let left: Vec<String> = discover(run).into_iter().map(|(n, _)| n).collect();
+        let mut expect = vec![
+            format!("mount-{}", std::process::id()),
+            "rexec_server".to_string(),
+            "tui".to_string(),
+            "udsproxyd".to_string(),
+        ];
+        expect.sort();
+        assert_eq!(left, expect);
+    }
 
     #[test]
     fn every_listed_command_parses_and_round_trips() {

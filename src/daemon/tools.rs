@@ -18,7 +18,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::mpsc;
 
-use super::control::{try_discover, Client, ControlError, Request, DEFAULT_RUN_DIR};
+use super::control::{prune_stale, try_discover, Client, ControlError, Request, DEFAULT_RUN_DIR};
 use super::logging::no_color;
 use super::logring::LogEvent;
 use super::status::DaemonStatus;
@@ -449,6 +449,13 @@ pub fn status_command(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Wr
         Ok(args) => args,
         Err(e) => return clap_exit(e, out, err),
     };
+    for gone in prune_stale(&args.run_dir) {
+        let _ = writeln!(
+            err,
+            "dpuctl status: removed {}: its daemon is gone",
+            gone.display()
+        );
+    }
     let sockets = match try_discover(&args.run_dir) {
         Ok(sockets) => sockets,
         Err(e) => {
@@ -649,6 +656,13 @@ pub fn logs_command(
         Ok(args) => args,
         Err(e) => return clap_exit(e, out, err),
     };
+    for gone in prune_stale(&args.run_dir) {
+        let _ = writeln!(
+            err,
+            "dpuctl logs: removed {}: its daemon is gone",
+            gone.display()
+        );
+    }
     let sockets = match try_discover(&args.run_dir) {
         Ok(sockets) => sockets,
         Err(e) => {
