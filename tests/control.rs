@@ -629,7 +629,8 @@ impl ThreadServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = socket_path(run_dir, name);
         let token = shutdown.clone();
-        let log = LogHandle::detached(name);
+        // As real daemons do: every mount process logs as `mount`, whatever its socket.
+        let log = LogHandle::detached(name.split('-').next().unwrap_or(name));
         let server_log = log.clone();
         let name = name.to_owned();
         let thread = std::thread::spawn(move || {
@@ -772,6 +773,16 @@ fn status_and_logs_tools_against_running_servers() {
         err,
         format!("dpuctl logs: no daemon named \"rexec_server\" in {run_dir} (running: engine, udsproxyd)\n")
     );
+
+    // Mounts are told apart by their sockets' names.
+    let mount = ThreadServer::start(dir.path(), "mount-77", 1);
+    let (code, out, _) = logs(&["--daemon", "mount"]);
+    assert_eq!(code, EXIT_OK);
+    assert!(out.contains(" mount-77: mount-77 event 0"), "{out}");
+    let (_, out, _) = logs(&["--daemon", "mount", "--json"]);
+    let event: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON event");
+    assert_eq!(event["daemon"], "mount-77");
+    drop(mount);
     drop(engine);
 }
 

@@ -714,6 +714,14 @@ pub fn logs_command(
     }
 }
 
+/// Names an event's daemon by its control socket (`mount-1234`, not `mount`), so events of
+/// several mounts can be told apart.
+fn label(event: &mut LogEvent, socket_name: &str) {
+    if event.daemon == daemon_kind(socket_name) && event.daemon != socket_name {
+        event.daemon = socket_name.to_owned();
+    }
+}
+
 /// Connects to one daemon and asks for its logs; returns the client and its backlog.
 async fn open_logs(
     path: &Path,
@@ -757,7 +765,8 @@ async fn run_logs(
     let mut clients = Vec::new();
     for (name, result) in opened {
         match result {
-            Ok((client, events)) => {
+            Ok((client, mut events)) => {
+                events.iter_mut().for_each(|e| label(e, &name));
                 backlogs.push(events);
                 clients.push((name, client));
             }
@@ -782,7 +791,8 @@ async fn run_logs(
         tokio::spawn(async move {
             loop {
                 match client.next_event().await {
-                    Ok(Some(event)) => {
+                    Ok(Some(mut event)) => {
+                        label(&mut event, &name);
                         if tx.send(Feed::Event(event)).await.is_err() {
                             return;
                         }
