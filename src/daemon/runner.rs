@@ -43,9 +43,10 @@ pub struct CommonArgs {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("invalid configuration ({path}):\n  {}", .problems.join("\n  "))]
+    #[error("invalid configuration ({origin}):\n  {}", .problems.join("\n  "))]
     Invalid {
-        path: PathBuf,
+        /// Where the settings came from: the config file, or the command line alone.
+        origin: String,
         problems: Vec<String>,
     },
     #[error("{0}")]
@@ -157,10 +158,15 @@ impl Daemon {
             .map_err(|e| StartError::Logging(e.to_string()))?;
         let problems = config.validate();
         if !problems.is_empty() {
-            return Err(StartError::Invalid {
-                path: source.path.clone(),
-                problems,
-            });
+            let origin = if source.present {
+                format!("{} and the command line", source.path.display())
+            } else {
+                format!(
+                    "the command line and defaults; there is no {}",
+                    source.path.display()
+                )
+            };
+            return Err(StartError::Invalid { origin, problems });
         }
         let run_dir = &config.common.run_dir;
         let lock = crate::daemon::Lock::acquire(run_dir, name)
