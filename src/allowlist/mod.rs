@@ -75,6 +75,9 @@ pub enum AllowlistError {
     /// An entry ending in whitespace, which the whitelist file trims away.
     #[error("{path:?} ends with whitespace, which the whitelist file cannot keep: remove it")]
     TrailingWhitespace { path: String },
+    /// A whitelist file someone other than root (or the daemon's user) could change.
+    #[error("refusing the whitelist: {why}")]
+    Untrusted { why: String },
     /// A `[Section]` that is not one of the fourteen types.
     #[error("{origin}:{line}: unknown section [{name}]: valid sections are {VALID_SECTIONS} (case-insensitive)")]
     UnknownSection {
@@ -261,16 +264,32 @@ impl Allowlist {
 
     /// Loads a whitelist file; a missing file is an empty (deny-all) allowlist.
     pub fn load(path: &Path) -> Result<Allowlist, AllowlistError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Allowlist::default()),
-            Err(source) => {
-                return Err(AllowlistError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+        let read_err = |source| AllowlistError::Read {
+            path: path.to_path_buf(),
+            source,
         };
+        let real = match fs::canonicalize(path) {
+            Ok(real) => real,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Allowlist::default()),
+            Err(e) => return Err(read_err(e)),
+        };
+        // The file says what the peer may touch here: refuse one that someone else could
+        // rewrite (the file, or a directory above it, not root's or ours, or writable by
+        // group or others).
+        let owners = crate::daemon::trust::trusted_owners();
+        let mut file = fs::File::open(&real).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let why = match crate::daemon::trust::check_file(&meta, &owners) {
+            Some(why) => Some(why),
+            None => crate::daemon::trust::check_dirs(&real, &owners).map_err(read_err)?,
+        };
+        if let Some(why) = why {
+            return Err(AllowlistError::Untrusted {
+                why: why.explain(path),
+            });
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes).map_err(read_err)?;
         let text = String::from_utf8(bytes).map_err(|_| AllowlistError::NotUtf8 {
             path: path.to_path_buf(),
         })?;

@@ -579,3 +579,28 @@ fn save_atomic_on_a_full_disk_keeps_the_old_file() {
         .collect();
     assert_eq!(names, [OsStr::new("whitelist")], "temp file left behind");
 }
+
+#[test]
+fn a_whitelist_others_could_rewrite_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("whitelist");
+    std::fs::write(&path, "[Udsconnect]\nPath=/run/x\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        Allowlist::load(&path)
+            .unwrap()
+            .entries(ListType::Udsconnect),
+        [std::path::PathBuf::from("/run/x")]
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = Allowlist::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("writable by group or others") && e.contains("chmod go-w"),
+        "{e}"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = Allowlist::load(&path).unwrap_err().to_string();
+    assert!(e.contains("without the sticky bit"), "{e}");
+}

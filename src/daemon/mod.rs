@@ -20,6 +20,7 @@ pub mod runner;
 pub mod signals;
 pub mod status;
 pub mod tools;
+pub mod trust;
 
 pub use control::{
     discover, socket_path, Client, ControlError, ControlHandler, Request, DEFAULT_RUN_DIR,

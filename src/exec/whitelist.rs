@@ -30,9 +30,11 @@
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::daemon::trust::{self, Untrusted};
 
 /// The default whitelist file.
 pub const DEFAULT_WHITELIST: &str = "/etc/rexec/whitelist";
@@ -139,18 +141,8 @@ impl Whitelist {
             Err(e) => return Err(read_err(e)),
         };
         let meta = file.metadata().map_err(read_err)?;
-        if meta.uid() != 0 {
-            return Err(WhitelistError::Owner {
-                path: path.to_path_buf(),
-                uid: meta.uid(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(WhitelistError::Mode {
-                path: path.to_path_buf(),
-                mode,
-            });
+        if let Some(why) = trust::check_file(&meta, &[0]) {
+            return Err(untrusted(path, why));
         }
         if meta.len() > MAX_FILE {
             return Err(WhitelistError::TooLarge {
@@ -212,28 +204,22 @@ impl Whitelist {
 /// (where others may add entries but not rename or remove root's). The path is free of
 /// symlinks and every directory on it is root's, so nobody else can redirect it afterwards.
 fn check_dirs(path: &Path, real: &Path) -> Result<(), WhitelistError> {
-    for dir in real.ancestors().skip(1) {
-        let meta = std::fs::metadata(dir).map_err(|source| WhitelistError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if meta.uid() != 0 {
-            return Err(WhitelistError::DirOwner {
-                path: path.to_path_buf(),
-                dir: dir.to_path_buf(),
-                uid: meta.uid(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Err(WhitelistError::DirMode {
-                path: path.to_path_buf(),
-                dir: dir.to_path_buf(),
-                mode,
-            });
-        }
+    let found = trust::check_dirs(real, &[0]).map_err(|source| WhitelistError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    found.map_or(Ok(()), |why| Err(untrusted(path, why)))
+}
+
+/// The refusal of the whitelist `path` for `why`.
+fn untrusted(path: &Path, why: Untrusted) -> WhitelistError {
+    let path = path.to_path_buf();
+    match why {
+        Untrusted::Owner { uid } => WhitelistError::Owner { path, uid },
+        Untrusted::Mode { mode } => WhitelistError::Mode { path, mode },
+        Untrusted::DirOwner { dir, uid } => WhitelistError::DirOwner { path, dir, uid },
+        Untrusted::DirMode { dir, mode } => WhitelistError::DirMode { path, dir, mode },
     }
-    Ok(())
 }
 
 /// The server's whitelist: its file and whether one is in force. A missing file means "no
