@@ -37,6 +37,10 @@ pub const LINK_NAMES: &[(&str, Tool)] = &[
     ("udsproxyd", Tool::Udsproxyd),
     ("qtcfg", Tool::Qtcfg),
     ("mount.qtfs", Tool::Mount),
+    // What mount(8) runs for a mount of type fuse.qtfs (the mount table's type), such as
+    // `mount -o remount,ro DIR`; without it, it falls back to mount.fuse, which runs a
+    // program called `qtfs`.
+    ("mount.fuse.qtfs", Tool::Mount),
     ("rexec", Tool::Rexec),
     ("rexec_server", Tool::RexecServer),
 ];
@@ -197,12 +201,13 @@ struct Rest {
     name = "dpuctl install",
     about = "Create the tool links for this binary",
     long_about = "Copies this binary to PREFIX/bin/dpuctl (unless it already runs from there), \
-creates the links engine, udsproxyd, qtcfg, rexec, rexec_server in PREFIX/bin and mount.qtfs in \
-PREFIX/sbin, so that `mount -t qtfs` finds its helper, writes the manual pages under \
+creates the links engine, udsproxyd, qtcfg, rexec, rexec_server in PREFIX/bin and mount.qtfs and \
+mount.fuse.qtfs in PREFIX/sbin, so that mount(8) finds its helper for `mount -t qtfs` and for the \
+mounted type fuse.qtfs, writes the manual pages under \
 PREFIX/share/man and the bash, zsh and fish completion scripts under PREFIX/share (see \
 `dpuctl completions --help`). Idempotent: links, pages and scripts that are already right are \
 left alone; a different file in the way of a link is an error unless --force.",
-    after_help = "Examples:\n  dpuctl install                 # /usr/bin/{dpuctl,engine,...}, /usr/sbin/mount.qtfs\n  dpuctl install --prefix /opt/dpuctl --dry-run"
+    after_help = "Examples:\n  dpuctl install                 # /usr/bin/{dpuctl,engine,...}, /usr/sbin/mount.{qtfs,fuse.qtfs}\n  dpuctl install --prefix /opt/dpuctl --dry-run"
 )]
 struct InstallArgs {
     /// Installation prefix
@@ -777,6 +782,11 @@ mod tests {
             let full = format!("/usr/local/bin/{name}");
             assert_eq!(tool_for_name(OsStr::new(&full)), Some(*tool));
         }
+        // mount(8)'s helper for the mounted type fuse.qtfs (`mount -o remount DIR`).
+        assert_eq!(
+            tool_for_name(OsStr::new("/sbin/mount.fuse.qtfs")),
+            Some(Tool::Mount)
+        );
         assert_eq!(tool_for_name(OsStr::new("/usr/bin/dpuctl")), None);
         assert_eq!(tool_for_name(OsStr::new("qtcfg2")), None);
     }
@@ -784,8 +794,8 @@ mod tests {
     #[test]
     fn every_link_name_is_a_subcommand() {
         for (name, tool) in LINK_NAMES {
-            // `mount.qtfs` is `dpuctl mount`.
-            let name = name.strip_suffix(".qtfs").unwrap_or(name);
+            // `mount.qtfs` and `mount.fuse.qtfs` are `dpuctl mount`.
+            let name = if *tool == Tool::Mount { "mount" } else { name };
             let top = Top::try_parse_from(["dpuctl", name]).unwrap();
             assert_eq!(top.tool.tool(), *tool);
         }
@@ -804,10 +814,13 @@ mod tests {
             .all(|a| a.action == "linked" || a.action == "written"));
         assert!(prefix.join("share/man/man1/rexec.1").is_file());
         assert!(prefix.join("share/man/man8/mount.qtfs.8").is_file());
-        assert_eq!(
-            std::fs::read_link(prefix.join("sbin/mount.qtfs")).unwrap(),
-            PathBuf::from("../bin/dpuctl")
-        );
+        for helper in ["sbin/mount.qtfs", "sbin/mount.fuse.qtfs"] {
+            assert_eq!(
+                std::fs::read_link(prefix.join(helper)).unwrap(),
+                PathBuf::from("../bin/dpuctl"),
+                "{helper}"
+            );
+        }
         assert_eq!(
             std::fs::canonicalize(prefix.join("bin/qtcfg")).unwrap(),
             std::fs::canonicalize(prefix.join("bin/dpuctl")).unwrap()

@@ -1037,6 +1037,42 @@ fn proc_mode_links_local_processes_to_local_proc() {
     }
 }
 
+/// `ls -la` asks for `security.selinux` of every entry: proc mode's links answer as the
+/// local procfs's symlinks do (no attribute, an empty list), not ESTALE.
+#[test]
+fn proc_mode_links_have_no_xattrs() {
+    let opts = ClientOptions {
+        proc_mode: true,
+        local_proc: "/proc".into(),
+        ..ClientOptions::default()
+    };
+    let Some(fx) = setup_opts(opts) else {
+        return;
+    };
+    let me = std::process::id().to_string();
+    for name in ["self", "thread-self", me.as_str()] {
+        let p = c(&fx.mnt().join(name));
+        // (ACLs on symlinks the kernel refuses itself, EOPNOTSUPP, as locally.)
+        for attr in ["security.selinux", "user.x"] {
+            let a = CString::new(attr).unwrap();
+            let mut buf = [0u8; 64];
+            // SAFETY: valid C strings and a buffer of the given length.
+            let r = unsafe {
+                libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            };
+            assert_eq!(errno_of(r as libc::c_int), libc::ENODATA, "{name} {attr}");
+        }
+        let mut list = [0u8; 64];
+        // SAFETY: as above.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+        assert_eq!(n, 0, "{name}: no attributes listed");
+        let a = CString::new("security.x").unwrap();
+        // SAFETY: as above.
+        let r = unsafe { libc::lsetxattr(p.as_ptr(), a.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+        assert_eq!(errno_of(r), libc::EOPNOTSUPP, "{name}: set");
+    }
+}
+
 #[test]
 fn pseudo_files_read_in_full_with_direct_io() {
     if let Err(why) = common::can_mount() {

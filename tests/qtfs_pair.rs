@@ -117,7 +117,8 @@ fn mount_read_write_and_umount_through_the_engine() {
         s(&t.export)
     ));
     assert!(out.status.success(), "mount: {}", text(&out));
-    // Its own type in the DPU's mount table, with the remote path as the source.
+    // Its own type in the DPU's mount table, with the remote path exactly as given as the
+    // source (what mount(8) compares an fstab line with).
     let pid = t.dpu.daemon_pid().expect("DPU side running");
     let table = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
     let line = table
@@ -125,7 +126,7 @@ fn mount_read_write_and_umount_through_the_engine() {
         .find(|l| l.split(' ').nth(1) == Some(mnt))
         .unwrap_or_else(|| panic!("{mnt} not in the DPU's mount table:\n{table}"));
     assert!(
-        line.starts_with(&format!("qtfs:{} {mnt} fuse.qtfs ", s(&t.export))),
+        line.starts_with(&format!("{} {mnt} fuse.qtfs ", s(&t.export))),
         "{line}"
     );
     // Reads see the HOST's file; writes land on the HOST.
@@ -685,9 +686,115 @@ fn an_fstab_line_mounts_with_plain_mount() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("hello from the HOST"), "{stdout}");
     assert!(
-        stdout.contains(&format!("qtfs:{} /run/fst fuse", s(&t.export))),
+        stdout.contains(&format!("{} /run/fst fuse", s(&t.export))),
         "the fstab entry became a qtfs FUSE mount: {stdout}"
     );
+}
+
+/// A directory to bind over /usr/sbin inside a DPU namespace, with the two helper names
+/// mount(8) looks for: mount.qtfs (type qtfs) and mount.fuse.qtfs (the mounted fuse.qtfs).
+fn helper_dir(t: &Setup) -> std::path::PathBuf {
+    let sbin = t.scratch.path("sbin");
+    std::fs::create_dir(&sbin).unwrap();
+    for name in ["mount.qtfs", "mount.fuse.qtfs"] {
+        std::os::unix::fs::symlink(common::bin(), sbin.join(name)).unwrap();
+    }
+    sbin
+}
+
+/// `mount -a` at every boot, or twice by hand, must leave one mount per fstab line: mount(8)
+/// skips a line whose source is mounted on its directory, so the mount table's source is the
+/// remote path as written (with `qtfs:` before it, each run stacked another mount and process).
+#[test]
+fn mount_a_twice_mounts_an_fstab_line_once() {
+    require_fuse!();
+    let t = setup();
+    let sbin = helper_dir(&t);
+    let fstab = t.scratch.write(
+        "fstab",
+        &format!(
+            "{} /run/fsa qtfs server={},key={},_netdev 0 0\n",
+            s(&t.export),
+            t.fs,
+            s(&t.key)
+        ),
+    );
+    let out = t.dpu.sh(&format!(
+        "mount --bind {} /usr/sbin && mount --bind {} /etc/fstab && mkdir -p /run/fsa && \
+         mount -av && mount -av && cat /run/fsa/hello.txt && grep -c ' /run/fsa ' /proc/self/mounts",
+        s(&sbin),
+        s(&fstab)
+    ));
+    let st = t.dpu.status();
+    let _ = t.dpu.sh("umount /run/fsa; umount /run/fsa");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("hello from the HOST"), "{}", text(&out));
+    assert_eq!(
+        stdout.lines().last(),
+        Some("1"),
+        "one mount on /run/fsa after two mount -a: {}",
+        text(&out)
+    );
+    assert!(stdout.contains("already mounted"), "{}", text(&out));
+    let mounts = st
+        .as_ref()
+        .and_then(|st| st["daemons"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d["name"] == "mount")
+        .count();
+    assert_eq!(mounts, 1, "one mount process: {st:?}");
+    // -v (from mount -av) is one line of what was mounted, not FUSE debug logs.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.contains("mount.qtfs") || l.contains("DEBUG"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{}", text(&out));
+    assert!(
+        ours[0].starts_with(&format!(
+            "mount.qtfs: {} mounted on /run/fsa from {}: rw,",
+            s(&t.export),
+            t.fs
+        )) && ours[0].contains("; kernel FUSE 7."),
+        "{}",
+        ours[0]
+    );
+}
+
+/// `mount -o remount,ro DIR` runs the helper of the mounted type, mount.fuse.qtfs: one line
+/// saying what to do and mount(8)'s failure status, and the mount is left as it was (before,
+/// mount.fuse ran a program `qtfs`: "/bin/sh: 1: qtfs: not found", 127).
+#[test]
+fn remount_through_mount_8_is_refused_in_one_line() {
+    require_fuse!();
+    let t = setup();
+    let sbin = helper_dir(&t);
+    let opts = format!("server={},key={}", t.fs, s(&t.key));
+    let out = t.dpu.sh(&format!(
+        "mount --bind {} /usr/sbin && mkdir -p /run/rm && mount -t qtfs -o {opts} {} /run/rm && \
+         {{ mount -o remount,ro /run/rm; echo rc=$?; }} && touch /run/rm/still-rw && \
+         grep -c ' /run/rm ' /proc/self/mounts",
+        s(&sbin),
+        s(&t.export)
+    ));
+    let _ = t.dpu.sh("umount /run/rm");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("rc=32"), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "mount.qtfs: qtfs cannot change the options of a mounted file system: umount /run/rm, then mount it again with the new options",
+        "{}",
+        text(&out)
+    );
+    assert!(
+        t.export.join("still-rw").exists(),
+        "the mount stays as it was"
+    );
+    assert_eq!(stdout.lines().last(), Some("1"), "{}", text(&out));
 }
 
 /// The pjdfstest binary: `$PJDFSTEST`, `pjdfstest` on PATH, or cargo's bin directory.

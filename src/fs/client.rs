@@ -137,6 +137,8 @@ struct Inner {
     xattr_absent: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
     /// Forgets not yet sent ([`QtfsClient::forget_later`]).
     forgets: Mutex<Vec<(u64, u64)>>,
+    /// What the DPU kernel agreed to at FUSE INIT, for `mount -v` ([`QtfsClient::negotiated`]).
+    negotiated: OnceLock<String>,
     /// With `writeback` only: the attributes last given to the kernel per inode, and when
     /// ([`QtfsClient::unchanged_times`]).
     attrs: Mutex<HashMap<u64, (FileAttr, Instant)>>,
@@ -441,6 +443,7 @@ impl QtfsClient {
                 xattr_absent: Mutex::new(HashMap::new()),
                 notifier: OnceLock::new(),
                 forgets: Mutex::new(Vec::new()),
+                negotiated: OnceLock::new(),
                 attrs: Mutex::new(HashMap::new()),
                 dir_attrs: Mutex::new(HashMap::new()),
             }),
@@ -696,6 +699,12 @@ impl QtfsClient {
                 tracing::debug!(ino = ino.0, error = %e, "could not invalidate cached attributes");
             }
         }
+    }
+
+    /// What the kernel agreed to at FUSE INIT ("kernel FUSE 7.40 with readdirplus ..."),
+    /// once the first request has been served.
+    pub fn negotiated(&self) -> Option<&str> {
+        self.inner.negotiated.get().map(String::as_str)
     }
 
     /// This mount's per-operation statistics.
@@ -1193,10 +1202,18 @@ impl Filesystem for QtfsClient {
         if self.inner.opts.writeback {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
+        let mut granted = Vec::new();
         for f in wanted {
             // Kernels without a capability simply run without it.
-            let _ = config.add_capabilities(f);
+            if config.add_capabilities(f).is_ok() {
+                granted.push(capability_name(f));
+            }
         }
+        let _ = self.inner.negotiated.set(format!(
+            "kernel FUSE {} with {}",
+            config.kernel_abi(),
+            granted.join(" ")
+        ));
         Ok(())
     }
 
@@ -1851,6 +1868,11 @@ impl Filesystem for QtfsClient {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if ino.0 & PROC_BASE != 0 {
+            // As the local procfs answers for its symlinks (the kernel refuses user.* on
+            // symlinks itself).
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         self.forget_dir_attr(ino.0);
         self.forget_absent_xattrs(self.node(ino));
         let r = Request::Setxattr {
@@ -1870,6 +1892,10 @@ impl Filesystem for QtfsClient {
         size: u32,
         reply: ReplyXattr,
     ) {
+        if ino.0 & PROC_BASE != 0 {
+            // Proc mode's links have no attributes, as the local procfs's symlinks.
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
         let node = self.node(ino);
         let key = (node, name.as_bytes().to_vec());
         let ttl = self.inner.opts.attr_ttl;
@@ -1898,6 +1924,9 @@ impl Filesystem for QtfsClient {
     }
 
     fn listxattr(&self, req: &FuseRequest, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if ino.0 & PROC_BASE != 0 {
+            return reply_xattr(Ok(Response::Data(Bytes::new())), size, reply);
+        }
         self.call(
             Request::Listxattr {
                 node: self.node(ino),
@@ -1909,6 +1938,9 @@ impl Filesystem for QtfsClient {
     }
 
     fn removexattr(&self, req: &FuseRequest, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if ino.0 & PROC_BASE != 0 {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         self.forget_dir_attr(ino.0);
         self.forget_absent_xattrs(self.node(ino));
         let r = Request::Removexattr {
@@ -2149,6 +2181,23 @@ impl Filesystem for QtfsClient {
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         });
+    }
+}
+
+/// The short name of a capability this client asks for (`mount -v`).
+fn capability_name(f: InitFlags) -> &'static str {
+    match f {
+        InitFlags::FUSE_DO_READDIRPLUS => "readdirplus",
+        InitFlags::FUSE_PARALLEL_DIROPS => "parallel_dirops",
+        InitFlags::FUSE_ASYNC_DIO => "async_dio",
+        InitFlags::FUSE_POSIX_LOCKS => "posix_locks",
+        InitFlags::FUSE_HANDLE_KILLPRIV_V2 => "killpriv_v2",
+        InitFlags::FUSE_POSIX_ACL => "posix_acl",
+        InitFlags::FUSE_DONT_MASK => "dont_mask",
+        InitFlags::FUSE_AUTO_INVAL_DATA => "auto_inval_data",
+        InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP => "direct_io_allow_mmap",
+        InitFlags::FUSE_WRITEBACK_CACHE => "writeback_cache",
+        _ => "other",
     }
 }
 

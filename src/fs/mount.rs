@@ -7,7 +7,10 @@
 //! exits non-zero with the child's one-line error, leaving nothing mounted. `umount LOCAL`
 //! ends the session and the process exits 0. SIGTERM/SIGINT unmount (lazily) and exit.
 //!
-//! Exit codes: 0 mounted (or unmounted cleanly with `-f`), 1 mount failed, 2 usage error.
+//! Exit codes: 0 mounted (or unmounted cleanly with `-f`), 1 mount failed, 2 usage error,
+//! 32 remount refused (mount(8) runs this helper as `mount.fuse.qtfs` for
+//! `mount -o remount DIR`; a mount's options are its process's, which no later helper
+//! can change). `-v` prints one line of what was mounted; debug logs are `RUST_LOG=debug`.
 //!
 //! Concurrency: one tokio runtime per process drives the transport and the FUSE replies;
 //! fuser runs its own session threads.
@@ -41,13 +44,30 @@ pub const DEFAULT_KEY: &str = "/etc/dpuctl/psk";
 pub enum MountError {
     #[error("usage: mount.qtfs REMOTE_PATH LOCAL_DIR [-o server=ADDR,key=FILE,ro,proc,...] [-f] [-s] [-n] [-v] ({0})")]
     Usage(String),
-    #[error("bad mount option '{0}': see docs/qtfs.md for the supported options")]
-    BadOption(String),
-    #[error("mount point {path}: {source} (create the directory first)")]
+    /// An option mount.qtfs knows, with a value it cannot take: `why` says what is
+    /// accepted.
+    #[error("bad mount option '{option}': {why}")]
+    BadOption { option: String, why: String },
+    #[error("unknown mount option '{0}': mount.qtfs --help lists the supported options")]
+    UnknownOption(String),
+    #[error("options writeback and direct_io exclude each other: direct_io bypasses the page cache that writeback keeps, and file times would go stale; choose one")]
+    WritebackWithDirectIo,
+    /// `mount -o remount,...`: a mount's options are its process's command line.
+    #[error("qtfs cannot change the options of a mounted file system: umount {0}, then mount it again with the new options")]
+    Remount(PathBuf),
+    #[error("mount point {path} does not exist: create the directory first")]
+    LocalDirMissing { path: PathBuf },
+    #[error("mount point {path} is not a directory")]
+    LocalNotDir { path: PathBuf },
+    #[error("mount point {path}: {source}{hint}")]
     LocalDir {
         path: PathBuf,
         source: std::io::Error,
+        hint: &'static str,
     },
+    /// Proc mode links `self` and local PIDs into `local_proc`, which must be a procfs.
+    #[error("proc mode needs the DPU's own procfs at {path}, but {problem}: mount it there (mkdir -p {path} && mount -t proc proc {path}), or use -o local_proc=/proc")]
+    LocalProc { path: PathBuf, problem: String },
     #[error("remote path '{0}' must be absolute")]
     RemotePath(PathBuf),
     #[error("cannot reach the engine: {0}")]
@@ -70,6 +90,29 @@ pub enum MountError {
     /// `--help` was asked for: not an error, `main` prints [`HELP`] and exits 0.
     #[error("help requested")]
     Help,
+}
+
+impl MountError {
+    /// The exit status: 2 for a command line mount.qtfs cannot use, 32 (mount(8)'s "mount
+    /// failure") for a remount it refuses, 1 for every other failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MountError::Usage(_)
+            | MountError::BadOption { .. }
+            | MountError::UnknownOption(_)
+            | MountError::WritebackWithDirectIo
+            | MountError::RemotePath(_) => 2,
+            MountError::Remount(_) => 32,
+            _ => 1,
+        }
+    }
+
+    fn bad(option: &str, why: impl Into<String>) -> Self {
+        MountError::BadOption {
+            option: option.to_string(),
+            why: why.into(),
+        }
+    }
 }
 
 /// `mount.qtfs --help`.
@@ -115,7 +158,7 @@ Options (-o, comma-separated):
   defaults, noauto, _netdev, nofail, x-* and other generic options are accepted and ignored.
 
 Flags:
-  -f   stay in the foreground     -v   verbose log on stderr
+  -f   stay in the foreground     -v   say what was mounted, in one line
   -s   sloppy (accepted)           -n   no mtab (accepted)
   -h, --help   this text
 
@@ -124,7 +167,10 @@ Examples:
   mount -t qtfs -o proc,server=192.168.10.10:12345 /proc /another_rootfs/proc
   /etc/fstab:  /var/lib/docker  /another_rootfs/var/lib/docker  qtfs  server=192.168.10.10:12345,_netdev  0 0
 
-Exit status: 0 mounted, 1 mount failed, 2 usage error.
+mount -o remount is refused (exit 32): umount, then mount again with the new options.
+Debug logs: RUST_LOG=debug.
+
+Exit status: 0 mounted, 1 mount failed, 2 usage error, 32 remount refused.
 ";
 
 /// Parsed command line.
@@ -148,12 +194,56 @@ pub struct MountArgs {
     pub reconnect_wait: Duration,
 }
 
+/// How a duration option is written; the same in every message about one.
+const DURATION_FORMS: &str = "use seconds like 1 or 0.5, or 1s/500ms";
+
+/// A duration option's value: seconds (fractions allowed), or a number with `s` or `ms`.
 fn secs(v: &str, opt: &str) -> Result<Duration, MountError> {
-    v.parse::<f64>()
+    let (num, unit) = match v.strip_suffix("ms") {
+        Some(n) => (n, 1e-3),
+        None => (v.strip_suffix('s').unwrap_or(v), 1.0),
+    };
+    let n = num
+        .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| MountError::BadOption(opt.to_string()))
+        .filter(|n| n.is_finite())
+        .ok_or_else(|| MountError::bad(opt, format!("not a duration; {DURATION_FORMS}")))?;
+    if n < 0.0 {
+        return Err(MountError::bad(
+            opt,
+            format!("a duration cannot be negative; {DURATION_FORMS}"),
+        ));
+    }
+    Duration::try_from_secs_f64(n * unit)
+        .map_err(|_| MountError::bad(opt, format!("too long; {DURATION_FORMS}")))
+}
+
+/// The largest `read_ahead` (KiB): 1 GiB.
+const READ_AHEAD_MAX_KIB: u32 = 1 << 20;
+
+fn read_ahead(v: &str, opt: &str) -> Result<u32, MountError> {
+    let accepted = format!(
+        "use a number of KiB from 0 (the kernel's default) to {READ_AHEAD_MAX_KIB}, like read_ahead=1024"
+    );
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(MountError::bad(opt, format!("not a number; {accepted}")));
+    }
+    v.parse::<u32>()
+        .ok()
+        .filter(|k| *k <= READ_AHEAD_MAX_KIB)
+        .ok_or_else(|| MountError::bad(opt, format!("too large; {accepted}")))
+}
+
+/// What an option that takes a value looks like, for "needs a value".
+fn value_form(key: &str) -> &'static str {
+    match key {
+        "server" => "server=ADDR (HOST:PORT, tcp://HOST:PORT or vsock://CID:PORT)",
+        "key" => "key=FILE",
+        "run_dir" => "run_dir=DIR",
+        "local_proc" => "local_proc=PATH (an absolute path, like /local_proc)",
+        "read_ahead" => "read_ahead=KIB, like read_ahead=1024",
+        _ => "NAME=SECS, like 1, 0.5, 1s or 500ms",
+    }
 }
 
 /// Applies one `-o` list. Generic options mount(8) passes are accepted and ignored.
@@ -171,7 +261,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
         };
         let need = || {
             v.filter(|v| !v.is_empty())
-                .ok_or_else(|| MountError::BadOption(opt.to_string()))
+                .ok_or_else(|| MountError::bad(opt, format!("needs a value: {}", value_form(k))))
         };
         match k {
             "server" => m.server = need()?.to_string(),
@@ -186,13 +276,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
             "entry_timeout" => m.client.entry_ttl = secs(need()?, opt)?,
             "negative_timeout" => m.client.negative_ttl = secs(need()?, opt)?,
             "fresh_dirs" => m.client.fresh_dirs = secs(need()?, opt)?,
-            "read_ahead" => {
-                m.client.read_ahead_kib = need()?
-                    .parse()
-                    .ok()
-                    .filter(|k| *k <= 1 << 20)
-                    .ok_or_else(|| MountError::BadOption(opt.to_string()))?
-            }
+            "read_ahead" => m.client.read_ahead_kib = read_ahead(need()?, opt)?,
             "writeback" | "writeback_cache" => m.client.writeback = true,
             "direct_io" => m.client.direct_io = true,
             "allow_other" => m.client.allow_other = true,
@@ -208,7 +292,7 @@ pub fn apply_options(list: &str, m: &mut MountArgs) -> Result<(), MountError> {
             | "relatime" | "norelatime" | "strictatime" | "diratime" | "nodiratime" | "sync"
             | "async" | "owner" | "group" | "comment" | "loop" => {}
             _ if k.starts_with("x-") || k.starts_with("comment=") => {}
-            _ => return Err(MountError::BadOption(opt.to_string())),
+            _ => return Err(MountError::UnknownOption(opt.to_string())),
         }
     }
     Ok(())
@@ -233,6 +317,9 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
         reconnect: true,
         reconnect_wait: DEFAULT_RECONNECT_WAIT,
     };
+    // The -o lists are applied once every argument is seen, so that a remount is refused
+    // as such whatever options come with it.
+    let mut lists: Vec<&str> = Vec::new();
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.to_str() {
@@ -240,12 +327,11 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
                 let v = it
                     .next()
                     .ok_or_else(|| MountError::Usage("-o needs a value".into()))?;
-                let v = v
-                    .to_str()
-                    .ok_or_else(|| MountError::BadOption(v.to_string_lossy().into()))?;
-                apply_options(v, &mut m)?;
+                lists.push(v.to_str().ok_or_else(|| {
+                    MountError::bad(&v.to_string_lossy(), "options must be valid UTF-8")
+                })?);
             }
-            Some(o) if o.starts_with("-o") && o.len() > 2 => apply_options(&o[2..], &mut m)?,
+            Some(o) if o.starts_with("-o") && o.len() > 2 => lists.push(&o[2..]),
             Some("-f") => m.foreground = true,
             Some("-v") => m.verbose = true,
             // -s (sloppy: tolerate unknown options is handled by ignoring generic ones) and
@@ -258,6 +344,22 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
             _ => pos.push(PathBuf::from(a)),
         }
     }
+    if lists
+        .iter()
+        .flat_map(|l| l.split(','))
+        .any(|o| o.trim() == "remount")
+    {
+        // mount(8) runs the helper for `mount -o remount,...` of a fuse.qtfs mount (as
+        // mount.fuse.qtfs), with the options of the mount table (user_id=0,...) added. The
+        // mount's settings live in its serving process, which this one cannot reach, and a
+        // superblock flag flipped under it would disagree with what the engine enforces
+        // and what status reports.
+        let dir = pos.last().cloned().unwrap_or_default();
+        return Err(MountError::Remount(dir));
+    }
+    for list in lists {
+        apply_options(list, &mut m)?;
+    }
     let [remote, local]: [PathBuf; 2] = pos.try_into().map_err(|p: Vec<PathBuf>| {
         MountError::Usage(format!("expected 2 paths, got {}", p.len()))
     })?;
@@ -267,17 +369,15 @@ pub fn parse_args(args: &[OsString]) -> Result<MountArgs, MountError> {
     if m.client.writeback && m.client.direct_io {
         // The DPU kernel would keep file times for writeback but never advance them for
         // direct writes, and write those stale times back to the HOST.
-        return Err(MountError::BadOption(
-            "writeback with direct_io (direct_io bypasses the page cache that writeback keeps, and file times go stale: choose one)".into(),
-        ));
+        return Err(MountError::WritebackWithDirectIo);
     }
     if !m.client.local_proc.is_absolute() {
         // Proc mode points symlinks at it: a relative target would resolve against
         // wherever the link sits inside the mount.
-        return Err(MountError::BadOption(format!(
-            "local_proc={} (must be an absolute path)",
-            m.client.local_proc.display()
-        )));
+        return Err(MountError::bad(
+            &format!("local_proc={}", m.client.local_proc.display()),
+            "must be an absolute path, like /local_proc",
+        ));
     }
     m.remote = remote;
     // The mount process leaves its working directory for `/` once it runs in the
@@ -382,6 +482,41 @@ impl Drop for MountHandle {
     }
 }
 
+/// Checks what the mount needs on this side: `local` is a directory and, in proc mode,
+/// `local_proc` is a mounted procfs (else `self` and local PIDs would be dangling links).
+pub fn check_local(local: &Path, opts: &ClientOptions) -> Result<(), MountError> {
+    let path = local.to_path_buf();
+    match std::fs::metadata(local) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(MountError::LocalNotDir { path }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MountError::LocalDirMissing { path })
+        }
+        Err(source) => {
+            let hint = match source.raw_os_error() {
+                Some(libc::ENOTCONN) => {
+                    " (a mount whose process has ended is there: umount -l it first)"
+                }
+                _ => "",
+            };
+            return Err(MountError::LocalDir { path, source, hint });
+        }
+    }
+    if opts.proc_mode {
+        let path = opts.local_proc.clone();
+        let problem = match nix::sys::statfs::statfs(&path) {
+            Ok(st) if st.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC => None,
+            Ok(_) => Some("it is not a procfs".to_string()),
+            Err(nix::errno::Errno::ENOENT) => Some("it does not exist".to_string()),
+            Err(e) => Some(format!("it cannot be checked ({e})")),
+        };
+        if let Some(problem) = problem {
+            return Err(MountError::LocalProc { path, problem });
+        }
+    }
+    Ok(())
+}
+
 /// Attaches `remote` over `transport` and mounts it on `local` (must exist). Must be called
 /// from within a tokio runtime context (`rt.enter()` or inside `block_on`'s caller thread).
 pub async fn mount_with_transport(
@@ -390,16 +525,7 @@ pub async fn mount_with_transport(
     local: &Path,
     opts: ClientOptions,
 ) -> Result<MountHandle, MountError> {
-    let meta = std::fs::metadata(local).map_err(|e| MountError::LocalDir {
-        path: local.into(),
-        source: e,
-    })?;
-    if !meta.is_dir() {
-        return Err(MountError::LocalDir {
-            path: local.into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
-        });
-    }
+    check_local(local, &opts)?;
     let read_ahead = opts.read_ahead_kib;
     let client = QtfsClient::attach(transport, remote, opts)
         .await
@@ -414,7 +540,10 @@ pub async fn mount_with_transport(
             },
             source: e,
         })?;
-    let fsname = format!("qtfs:{}", remote.display());
+    // The mount source is the remote path exactly as given, as with the kernel qtfs: it is
+    // what mount(8) compares an fstab line's source with, so `mount -a` skips a qtfs line
+    // that is already mounted (a `qtfs:` prefix made it mount again on every run).
+    let fsname = remote.display().to_string();
     let config = client.fuse_config(&fsname);
     let stats = client.stats();
     let served = client.clone();
@@ -528,20 +657,15 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("mount.qtfs: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(e.exit_code());
         }
     };
+    // `-v` (mount -v, mount -av) asks for what was mounted, not for debug logs: those
+    // are RUST_LOG=debug.
     let level = std::env::var("RUST_LOG")
         .ok()
         .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| {
-            if m.verbose {
-                "debug"
-            } else {
-                "info,fuser=warn"
-            }
-            .to_string()
-        });
+        .unwrap_or_else(|| "info,fuser=warn".to_string());
     // The ring behind `dpuctl logs` keeps every event at `level`; stderr (the terminal
     // until the mount is ready, /dev/null after) gets the same lines.
     let log = match logging::init("mount", &level, LogTarget::Stderr) {
@@ -552,7 +676,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
     };
     if m.foreground {
-        return match serve(&m, &log, |_| {}) {
+        let verbose = m.verbose;
+        return match serve(&m, &log, |summary| {
+            if verbose {
+                println!("{summary}");
+            }
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mount.qtfs: {e}");
@@ -580,7 +709,10 @@ fn daemonise(m: &MountArgs, log: &LogHandle) -> Result<ExitCode, MountError> {
             drop(wr);
             let mut msg = String::new();
             let _ = std::fs::File::from(rd).read_to_string(&mut msg);
-            if msg == "OK" {
+            if let Some(summary) = msg.strip_prefix("OK\n") {
+                if m.verbose {
+                    println!("{summary}");
+                }
                 Ok(ExitCode::SUCCESS)
             } else {
                 let msg = if msg.is_empty() {
@@ -599,9 +731,9 @@ fn daemonise(m: &MountArgs, log: &LogHandle) -> Result<ExitCode, MountError> {
             // would say "target is busy"); every path was made absolute when parsed.
             let _ = nix::unistd::chdir("/");
             let wr_cell = std::cell::RefCell::new(Some(wr));
-            let r = serve(m, log, |_| {
+            let r = serve(m, log, |summary| {
                 if let Some(w) = wr_cell.borrow_mut().take() {
-                    let _ = std::fs::File::from(w).write_all(b"OK");
+                    let _ = std::fs::File::from(w).write_all(format!("OK\n{summary}").as_bytes());
                     detach_stdio();
                 }
             });
@@ -628,9 +760,11 @@ fn detach_stdio() {
     }
 }
 
-/// Connects, mounts, signals readiness, serves the control socket, then waits for
-/// `umount` or SIGTERM/SIGINT.
-fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+/// Connects, mounts, signals readiness with the one-line summary ([`summary`]), serves the
+/// control socket, then waits for `umount` or SIGTERM/SIGINT.
+fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&str)) -> Result<(), MountError> {
+    // Before the engine is dialled: a local mistake is reported as such.
+    check_local(&m.local, &m.client)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -643,7 +777,9 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
         &m.local,
         m.client.clone(),
     ))?;
-    ready(&m.local);
+    // The kernel's INIT is answered before the first request (this stat) is.
+    let _ = std::fs::symlink_metadata(&m.local);
+    ready(&summary(m, handle.client().negotiated()));
     tracing::info!(remote = %m.remote.display(), local = %m.local.display(), server = %m.server, "qtfs mounted");
     // Which mount is ours: on a signal, the path is unmounted only while ours is on top.
     let ours = top_mount_dev(&m.local);
@@ -700,6 +836,57 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&Path)) -> Result<()
         std::process::exit(0);
     }
     Ok(())
+}
+
+/// What `-v` prints once the mount is live: what is mounted where, the options in effect
+/// and what the kernel agreed to, in one line.
+fn summary(m: &MountArgs, negotiated: Option<&str>) -> String {
+    let c = &m.client;
+    let mut o: Vec<String> = vec![if c.read_only { "ro" } else { "rw" }.into()];
+    if c.proc_mode {
+        o.push(format!("proc (local_proc={})", c.local_proc.display()));
+    }
+    o.push(format!("attr_timeout={}s", c.attr_ttl.as_secs_f64()));
+    o.push(format!("entry_timeout={}s", c.entry_ttl.as_secs_f64()));
+    o.push(format!(
+        "negative_timeout={}s",
+        c.negative_ttl.as_secs_f64()
+    ));
+    if !c.fresh_dirs.is_zero() {
+        o.push(format!("fresh_dirs={}s", c.fresh_dirs.as_secs_f64()));
+    }
+    o.push(format!("read_ahead={}", c.read_ahead_kib));
+    for (on, name) in [
+        (c.writeback, "writeback"),
+        (c.direct_io, "direct_io"),
+        (c.root_squash, "root_squash"),
+        (m.insecure, "insecure"),
+    ] {
+        if on {
+            o.push(name.into());
+        }
+    }
+    o.push(
+        if c.allow_other {
+            "allow_other"
+        } else {
+            "noallow_other"
+        }
+        .into(),
+    );
+    o.push(if m.reconnect {
+        format!("reconnect_wait={}s", m.reconnect_wait.as_secs_f64())
+    } else {
+        "noreconnect".into()
+    });
+    format!(
+        "mount.qtfs: {} mounted on {} from {}: {}; {}",
+        m.remote.display(),
+        m.local.display(),
+        m.server,
+        o.join(","),
+        negotiated.unwrap_or("kernel FUSE settings unknown")
+    )
 }
 
 /// On SIGTERM/SIGINT: detaches the mount on `local` if it is ours (the device `ours` was
@@ -1021,7 +1208,10 @@ mod tests {
             "read_ahead=-1",
             "read_ahead=2000000",
         ] {
-            assert!(matches!(ra(bad), Err(MountError::BadOption(_))), "{bad}");
+            assert!(
+                matches!(ra(bad), Err(MountError::BadOption { .. })),
+                "{bad}"
+            );
         }
     }
 
@@ -1051,36 +1241,185 @@ mod tests {
             Err(MountError::RemotePath(_))
         ));
         assert!(
-            matches!(parse_args(&args(&["/a", "/b", "-o", "bogus"])), Err(MountError::BadOption(o)) if o == "bogus")
+            matches!(parse_args(&args(&["/a", "/b", "-o", "bogus"])), Err(MountError::UnknownOption(o)) if o == "bogus")
         );
         assert!(matches!(
             parse_args(&args(&["/a", "/b", "-o", "attr_timeout=-1"])),
-            Err(MountError::BadOption(_))
+            Err(MountError::BadOption { .. })
         ));
         assert!(matches!(
             parse_args(&args(&["/a", "/b", "-o", "server="])),
-            Err(MountError::BadOption(_))
+            Err(MountError::BadOption { .. })
         ));
         assert!(matches!(
             parse_args(&args(&["/a", "/b", "-x"])),
             Err(MountError::Usage(_))
         ));
         assert!(
-            matches!(parse_args(&args(&["/proc", "/b", "-o", "proc,local_proc=lp"])), Err(MountError::BadOption(o)) if o.contains("absolute")),
+            matches!(parse_args(&args(&["/proc", "/b", "-o", "proc,local_proc=lp"])), Err(MountError::BadOption { why, .. }) if why.contains("absolute")),
             "proc mode's symlinks need an absolute target"
         );
         assert!(
-            matches!(parse_args(&args(&["/a", "/b", "-o", "writeback", "-o", "direct_io"])), Err(MountError::BadOption(o)) if o.contains("choose one")),
+            matches!(
+                parse_args(&args(&["/a", "/b", "-o", "writeback", "-o", "direct_io"])),
+                Err(MountError::WritebackWithDirectIo)
+            ),
             "writeback and direct_io exclude each other"
         );
+    }
+
+    /// The one line each refused command line prints: what is wrong and what is accepted.
+    #[test]
+    fn option_errors_say_what_is_wrong_and_what_is_accepted() {
+        let msg = |a: &[&str]| {
+            let e = parse_args(&args(a)).expect_err("refused");
+            (e.to_string(), e.exit_code())
+        };
+        let opt = |o: &str| msg(&["/a", "/b", "-o", o]);
+        for (o, want) in [
+            (
+                "attr_timeout=abc",
+                "bad mount option 'attr_timeout=abc': not a duration; use seconds like 1 or 0.5, or 1s/500ms",
+            ),
+            (
+                "attr_timeout=-1",
+                "bad mount option 'attr_timeout=-1': a duration cannot be negative; use seconds like 1 or 0.5, or 1s/500ms",
+            ),
+            (
+                "entry_timeout=1e300",
+                "bad mount option 'entry_timeout=1e300': too long; use seconds like 1 or 0.5, or 1s/500ms",
+            ),
+            (
+                "attr_timeout=",
+                "bad mount option 'attr_timeout=': needs a value: NAME=SECS, like 1, 0.5, 1s or 500ms",
+            ),
+            (
+                "read_ahead=99999999999",
+                "bad mount option 'read_ahead=99999999999': too large; use a number of KiB from 0 (the kernel's default) to 1048576, like read_ahead=1024",
+            ),
+            (
+                "read_ahead=1M",
+                "bad mount option 'read_ahead=1M': not a number; use a number of KiB from 0 (the kernel's default) to 1048576, like read_ahead=1024",
+            ),
+            (
+                "server=",
+                "bad mount option 'server=': needs a value: server=ADDR (HOST:PORT, tcp://HOST:PORT or vsock://CID:PORT)",
+            ),
+            (
+                "local_proc=lp",
+                "bad mount option 'local_proc=lp': must be an absolute path, like /local_proc",
+            ),
+            (
+                "bogus",
+                "unknown mount option 'bogus': mount.qtfs --help lists the supported options",
+            ),
+            (
+                "writeback,direct_io",
+                "options writeback and direct_io exclude each other: direct_io bypasses the page cache that writeback keeps, and file times would go stale; choose one",
+            ),
+        ] {
+            assert_eq!(opt(o), (want.to_string(), 2), "-o {o}");
+        }
+        // mount(8)'s `mount -o remount,ro DIR` runs the helper as mount.fuse.qtfs.
+        assert_eq!(
+            msg(&[
+                "/srv/x",
+                "/mnt/x",
+                "-o",
+                "rw,remount,ro,user_id=0,group_id=0,default_permissions,allow_other"
+            ]),
+            (
+                "qtfs cannot change the options of a mounted file system: umount /mnt/x, then mount it again with the new options".to_string(),
+                32
+            )
+        );
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        let d = |v: &str| secs(v, "attr_timeout").unwrap();
+        assert_eq!(d("1"), Duration::from_secs(1));
+        assert_eq!(d("0.5"), Duration::from_millis(500));
+        assert_eq!(d("2s"), Duration::from_secs(2));
+        assert_eq!(d("250ms"), Duration::from_millis(250));
+        assert_eq!(d("0"), Duration::ZERO);
+        for bad in ["", "s", "ms", "1m", "inf", "NaN", "1 s"] {
+            assert!(secs(bad, "x").is_err(), "{bad}");
+        }
+    }
+
+    /// The mount point and proc mode's local procfs are checked before the engine is dialled.
+    #[test]
+    fn local_mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = check_local(&file, &ClientOptions::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("mount point {} is not a directory", file.display())
+        );
+        let none = dir.path().join("none");
+        let e = check_local(&none, &ClientOptions::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "mount point {} does not exist: create the directory first",
+                none.display()
+            )
+        );
+        let proc_at = |lp: &Path| ClientOptions {
+            proc_mode: true,
+            local_proc: lp.to_path_buf(),
+            ..ClientOptions::default()
+        };
+        assert!(check_local(dir.path(), &proc_at(Path::new("/proc"))).is_ok());
+        for (lp, problem) in [
+            (&none, "it does not exist"),
+            (&dir.path().to_path_buf(), "it is not a procfs"),
+        ] {
+            let e = check_local(dir.path(), &proc_at(lp)).unwrap_err();
+            let lp = lp.display();
+            assert_eq!(
+                e.to_string(),
+                format!("proc mode needs the DPU's own procfs at {lp}, but {problem}: mount it there (mkdir -p {lp} && mount -t proc proc {lp}), or use -o local_proc=/proc")
+            );
+            assert_eq!(e.exit_code(), 1);
+        }
+        // Without proc mode, local_proc is not looked at.
+        assert!(check_local(
+            dir.path(),
+            &ClientOptions {
+                local_proc: none,
+                ..ClientOptions::default()
+            }
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn verbose_prints_one_line_of_what_was_mounted() {
+        let m = parse_args(&args(&[
+            "/srv/x",
+            "/mnt/x",
+            "-o",
+            "server=10.0.0.1:12345,ro,attr_timeout=0.5,noreconnect",
+        ]))
+        .unwrap();
+        let line = summary(&m, Some("kernel FUSE 7.40 with readdirplus posix_acl"));
+        assert_eq!(
+            line,
+            "mount.qtfs: /srv/x mounted on /mnt/x from 10.0.0.1:12345: ro,attr_timeout=0.5s,entry_timeout=1s,negative_timeout=0s,read_ahead=1024,allow_other,noreconnect; kernel FUSE 7.40 with readdirplus posix_acl"
+        );
+        assert!(!line.contains('\n'));
     }
 
     #[test]
     fn the_topmost_mount_on_a_path_is_found_with_escapes() {
         let info = "\
 22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
-30 22 0:51 / /run/my\\040mnt rw,nosuid shared:9 - fuse.qtfs qtfs:/a rw
-31 30 0:52 / /run/my\\040mnt rw,nosuid shared:10 - fuse.qtfs qtfs:/b rw
+30 22 0:51 / /run/my\\040mnt rw,nosuid shared:9 - fuse.qtfs /a rw
+31 30 0:52 / /run/my\\040mnt rw,nosuid shared:10 - fuse.qtfs /b rw
 32 22 0:53 / /run/other rw - tmpfs tmpfs rw
 ";
         assert_eq!(top_mount_dev_in(info, b"/run/my mnt"), Some((0, 52)));
