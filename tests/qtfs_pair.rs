@@ -389,6 +389,18 @@ fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
     for i in $(seq 200); do [ -e /run/ready ] && exit 0; sleep 0.05; done; exit 1"#;
     let out = t.dpu.sh(holder);
     assert!(out.status.success(), "holder not ready: {}", text(&out));
+    // A lookup of a missing name is an answer, not an error.
+    let counters = |side: &Side| {
+        let seen = std::cell::RefCell::new(serde_json::Value::Null);
+        side.wait_status("the mount's counters", Duration::from_secs(5), |st| {
+            *seen.borrow_mut() = mount_of(st)["counters"].clone();
+            true
+        });
+        seen.into_inner()
+    };
+    let before = counters(&t.dpu);
+    assert!(!t.dpu.sh("stat /run/m/missing").status.success());
+    assert_eq!(counters(&t.dpu)["errors"], before["errors"], "{before}");
 
     t.host.stop();
     t.dpu
@@ -412,6 +424,12 @@ fn the_mount_reconnects_to_a_restarted_engine_and_keeps_open_files() {
             let m = mount_of(st);
             m["counters"]["reconnects"] == 1 && m["mount"]["state"] == "mounted"
         });
+    // Requests count since the mount started, not since the new link.
+    let after = counters(&t.dpu);
+    assert!(
+        after["requests"].as_u64() >= before["requests"].as_u64(),
+        "{before} then {after}"
+    );
 
     let out = t
         .dpu

@@ -13,7 +13,7 @@
 use super::fresh::FreshDirs;
 use super::known::{Known, KnownFile};
 use super::proto::{self, set, Attr, Creds, Entry, Lock, Request, Response, SetTime, Time};
-use super::stats::MountStats;
+use super::stats::{self, MountStats};
 use super::{FsCallError, FsTransport};
 use bytes::Bytes;
 use fuser::{
@@ -837,7 +837,8 @@ impl QtfsClient {
                 Err(e) => Err(e.errno),
             };
             let r = r.map(|resp| me.take_dir_attrs(resp));
-            me.inner.stats.record(op, started.elapsed(), r.is_err());
+            let failed = r.as_ref().err().is_some_and(|e| stats::is_failure(op, *e));
+            me.inner.stats.record(op, started.elapsed(), failed);
             done(&me, r);
         });
         self.dispatch((op, payload, answer, retry));

@@ -796,6 +796,7 @@ fn serve(m: &MountArgs, log: &LogHandle, ready: impl FnOnce(&str)) -> Result<(),
         link: Mutex::new(link),
         stats: handle.stats(),
         lost: Mutex::new(None),
+        since: Mutex::new(Instant::now()),
         reconnects: AtomicU64::new(0),
         reconnect: m.reconnect,
     });
@@ -970,6 +971,8 @@ struct MountControl {
     stats: Arc<MountStats>,
     /// Why the link to the engine ended, until it is back.
     lost: Mutex<Option<String>>,
+    /// When the link last came up or went down (the peer's `since_secs`).
+    since: Mutex<Instant>,
     reconnects: AtomicU64,
     reconnect: bool,
 }
@@ -981,6 +984,7 @@ impl MountControl {
 
     fn set_link(&self, link: Link) {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     fn lost(&self) -> Option<String> {
@@ -988,7 +992,11 @@ impl MountControl {
     }
 
     fn set_lost(&self, why: Option<String>) {
-        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() && why.is_some() {
+            *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        *lost = why;
     }
 }
 
@@ -1091,12 +1099,18 @@ impl ControlHandler for MountControl {
             rtt_us: s
                 .rtt
                 .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            since_secs: self.started.elapsed().as_secs(),
+            since_secs: self
+                .since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                .as_secs(),
             last_error: lost.clone(),
         };
         let ops = self.stats.snapshot();
+        // Since the mount started, across reconnects (the link's own figures restart).
         let counters = [
-            ("requests".to_string(), s.requests_out),
+            ("requests".to_string(), ops.values().map(|o| o.count).sum()),
             ("errors".to_string(), ops.values().map(|o| o.errors).sum()),
             (
                 "reconnects".to_string(),

@@ -63,6 +63,25 @@ pub fn op_name(code: u16) -> &'static str {
     }
 }
 
+/// Whether answering `op` with `errno` is a failure worth counting as an error, rather than
+/// an ordinary answer: a lookup of a name that does not exist (every `stat` of a missing
+/// file, every negative path-walk step), an extended attribute a file does not have (ls and
+/// cp ask for security.selinux and ACLs on every file), a buffer too small for an attribute
+/// (the caller asks again with a bigger one), a lock held by someone else (F_SETLK, and
+/// every retry of F_SETLKW), or a create of a name that exists (O_EXCL).
+pub fn is_failure(code: u16, errno: i32) -> bool {
+    !matches!(
+        (code, errno),
+        (op::LOOKUP, libc::ENOENT)
+            | (op::GETXATTR | op::LISTXATTR, libc::ENODATA | libc::ERANGE)
+            | (op::SETLK | op::GETLK, libc::EAGAIN | libc::EACCES)
+            | (
+                op::CREATE | op::MKDIR | op::MKNOD | op::SYMLINK | op::LINK,
+                libc::EEXIST
+            )
+    )
+}
+
 /// Index of the bucket holding `us` microseconds.
 fn bucket(us: u64) -> usize {
     let us = us.max(1);
@@ -211,6 +230,17 @@ fn percentile(h: &Hist, pct: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ordinary_answers_are_not_failures() {
+        assert!(!is_failure(op::LOOKUP, libc::ENOENT));
+        assert!(!is_failure(op::GETXATTR, libc::ENODATA));
+        assert!(!is_failure(op::SETLK, libc::EAGAIN));
+        assert!(!is_failure(op::CREATE, libc::EEXIST));
+        assert!(is_failure(op::LOOKUP, libc::EACCES));
+        assert!(is_failure(op::READ, libc::EIO));
+        assert!(is_failure(op::OPEN, libc::ENOENT));
+    }
 
     #[test]
     fn buckets_are_monotonic_and_bound_their_values() {
