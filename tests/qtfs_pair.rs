@@ -244,6 +244,75 @@ fn mount_read_write_and_umount_through_the_engine() {
     drop(t.scratch);
 }
 
+/// Removing the `[Mount]` entry of a mounted export with qtcfg closes it at once: the next
+/// open fails with EACCES (logged once on the engine), and adding the entry back reopens it.
+#[test]
+fn a_removed_mount_entry_closes_existing_mounts_at_their_next_request() {
+    require_fuse!();
+    let t = setup();
+    let out = t.dpu.sh(&format!(
+        "mkdir -p /run/mnt && $DPUCTL mount {} /run/mnt -o server={},key={}",
+        s(&t.export),
+        t.fs,
+        s(&t.key)
+    ));
+    assert!(out.status.success(), "mount: {}", text(&out));
+    let read = || t.dpu.sh("cat /run/mnt/hello.txt");
+    let hello = "hello from the HOST\n";
+    let out = read();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        hello,
+        "{}",
+        text(&out)
+    );
+
+    // The export is the first [Mount] entry.
+    let out = t.host.run(&["qtcfg", "-w", "mount", "-y", "0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lose access at their next request"),
+        "qtcfg says what removing a [Mount] entry does: {}",
+        text(&out)
+    );
+    for _ in 0..3 {
+        let out = read();
+        assert!(
+            !out.status.success(),
+            "read after the removal: {}",
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{}",
+            text(&out)
+        );
+    }
+    let warned = t
+        .host
+        .log()
+        .matches("whose [Mount] entry was removed")
+        .count();
+    assert_eq!(
+        warned,
+        1,
+        "one warning, not one per request:\n{}",
+        t.host.log()
+    );
+
+    let out = t.host.run(&["qtcfg", "-w", "mount", "-x", s(&t.export)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = read();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        hello,
+        "{}",
+        text(&out)
+    );
+    let out = t.dpu.sh("umount /run/mnt");
+    assert!(out.status.success(), "umount: {}", text(&out));
+}
+
 #[test]
 fn mount_t_qtfs_uses_the_helper_and_proc_is_the_hosts() {
     require_fuse!();

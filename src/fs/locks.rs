@@ -180,17 +180,22 @@ pub fn open_holder(src: RawFd, typ: i32, old: Option<RawFd>) -> io::Result<(Owne
     Ok((fd, mode))
 }
 
+/// A lock record of type `typ` on `len` bytes from `start` (0: to the end of the file).
+fn range(typ: i32, start: i64, len: i64) -> libc::flock64 {
+    libc::flock64 {
+        l_type: typ as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
+}
+
 /// Releases every lock `holder` has, then closes it (when no request still uses it).
 /// Unlocking first matters: a copy of the fd that a fork made would keep the open file,
 /// and its locks, alive after the close.
 pub fn let_go(holder: Arc<OwnedFd>) {
-    let mut all = libc::flock64 {
-        l_type: libc::F_UNLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
+    let mut all = range(libc::F_UNLCK, 0, 0);
     if let Err(e) = sys::ofd_lock(holder.as_raw_fd(), libc::F_OFD_SETLK, &mut all) {
         tracing::warn!(error = %e, "qtfs: could not release a lock holder's locks; closing it");
     }
@@ -237,13 +242,7 @@ fn parse_fdinfo_locks(text: &str) -> Vec<libc::flock64> {
                 "EOF" => 0,
                 end => end.parse::<i64>().ok()?.checked_sub(start)? + 1,
             };
-            Some(libc::flock64 {
-                l_type: typ as libc::c_short,
-                l_whence: libc::SEEK_SET as libc::c_short,
-                l_start: start,
-                l_len: len,
-                l_pid: 0,
-            })
+            Some(range(typ, start, len))
         })
         .collect()
 }
@@ -279,13 +278,7 @@ mod tests {
         let ro = std::fs::File::open(&p).unwrap();
         let (old, mode) = open_holder(ro.as_raw_fd(), libc::F_RDLCK, None).unwrap();
         assert_eq!(mode, libc::O_RDONLY);
-        let mut fl = libc::flock64 {
-            l_type: libc::F_RDLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: 2,
-            l_len: 3,
-            l_pid: 0,
-        };
+        let mut fl = range(libc::F_RDLCK, 2, 3);
         sys::ofd_lock(old.as_raw_fd(), libc::F_OFD_SETLK, &mut fl).unwrap();
         let rw = OpenOptions::new().read(true).write(true).open(&p).unwrap();
         let (new, mode) =
