@@ -399,6 +399,15 @@ fn start_side(
     mkdir(&run_dir)?;
     let wl = dir.join("whitelist");
     write(&wl, whitelist)?;
+    // Daemons refuse a whitelist others could rewrite, whatever the caller's umask.
+    for (path, mode) in [(&dir, 0o700), (&wl, 0o600)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| DemoError::Write {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
     let config = dir.join("config.toml");
     write(
         &config,
