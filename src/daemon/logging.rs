@@ -379,9 +379,68 @@ impl Visit for JsonVisitor {
     }
 }
 
+/// Lets a repeated log event through at most once per period for each key (a path, or `()`
+/// for one kind of event): a flood of bad requests must not flood the log too.
+pub struct Throttle<K> {
+    period: std::time::Duration,
+    /// Created on first use, so a throttle can be a `static`.
+    last: Mutex<Option<std::collections::HashMap<K, std::time::Instant>>>,
+}
+
+/// Keys remembered at most; beyond that, those quiet for a period are forgotten.
+const THROTTLE_KEYS: usize = 1024;
+
+impl<K: std::hash::Hash + Eq> Throttle<K> {
+    /// A throttle letting each key through once per `period`.
+    pub const fn new(period: std::time::Duration) -> Throttle<K> {
+        Throttle {
+            period,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True when `key` was not let through in the last period (and notes it now).
+    pub fn due(&self, key: K) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = last.get_or_insert_with(std::collections::HashMap::new);
+        let now = std::time::Instant::now();
+        if last
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < self.period)
+        {
+            return false;
+        }
+        if last.len() >= THROTTLE_KEYS {
+            last.retain(|_, t| now.duration_since(*t) < self.period);
+            if last.len() >= THROTTLE_KEYS {
+                last.clear();
+            }
+        }
+        last.insert(key, now);
+        true
+    }
+}
+
+/// Once per 10 s.
+impl<K: std::hash::Hash + Eq> Default for Throttle<K> {
+    fn default() -> Throttle<K> {
+        Throttle::new(std::time::Duration::from_secs(10))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_each_key_through_once_per_period() {
+        let t: Throttle<&str> = Throttle::new(std::time::Duration::from_secs(60));
+        assert!(t.due("/a"));
+        assert!(!t.due("/a"));
+        assert!(t.due("/b"));
+        let quick: Throttle<()> = Throttle::new(std::time::Duration::ZERO);
+        assert!(quick.due(()) && quick.due(()));
+    }
 
     fn scoped(handle: &LogHandle) -> impl Subscriber + Send + Sync {
         tracing_subscriber::registry().with(ring_layer(handle))

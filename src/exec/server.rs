@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use super::proto::{self, data_header, op, ExitStatus, Msg, Rlimit, Start, CHUNK, STDIN_WINDOW};
 use super::pty::{self, PtyMaster};
 use super::whitelist::{self, Policy, Whitelist};
+use crate::daemon::logging::Throttle;
 use crate::daemon::runner::{self, CommonArgs, Daemon, StartError, StatusSource};
 use crate::daemon::status::{PeerStatus, SessionStatus};
 use crate::wire::frame::FrameDecoder;
@@ -54,8 +55,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// trip or two for that, so 64 leave room for a burst of clients; a 65th connection evicts
 /// the oldest pending one, which to be a client would have had to finish long ago.
 const MAX_PENDING: usize = 64;
-/// At most one "limit reached" log event per this period, however many connections hit it.
-const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// What the server needs to serve sessions.
 #[derive(Debug)]
@@ -97,26 +96,9 @@ pub struct Registry {
     /// Pending connections evicted by newer ones.
     evicted: AtomicU64,
     /// When "session limit reached" was last logged.
-    limit_logged: RateLimit,
+    limit_logged: Throttle<()>,
     /// When "too many pending connections" was last logged.
-    pending_logged: RateLimit,
-}
-
-/// Lets an event through at most once per [`LIMIT_LOG_PERIOD`]: a flood must not flood the
-/// log too.
-#[derive(Default)]
-struct RateLimit(Mutex<Option<std::time::Instant>>);
-
-impl RateLimit {
-    fn due(&self) -> bool {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < LIMIT_LOG_PERIOD) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
+    pending_logged: Throttle<()>,
 }
 
 impl Registry {
@@ -329,7 +311,7 @@ impl Admission {
             if let Some((_, oldest)) = q.pop_front() {
                 oldest.cancel();
                 registry.evicted.fetch_add(1, Ordering::Relaxed);
-                if registry.pending_logged.due() {
+                if registry.pending_logged.due(()) {
                     tracing::warn!(
                         max = MAX_PENDING,
                         evicted = registry.evicted.load(Ordering::Relaxed),
@@ -498,7 +480,7 @@ async fn session_slot(
         return Ok(p);
     }
     let waiting = registry.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-    if registry.limit_logged.due() {
+    if registry.limit_logged.due(()) {
         tracing::warn!(
             max_sessions = config.max_sessions,
             waiting,

@@ -28,6 +28,7 @@ use super::proto::{
 use super::sys;
 use super::Errno;
 use crate::allowlist::{ListType, SharedAllowlist};
+use crate::daemon::logging::Throttle;
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -555,29 +556,9 @@ fn timespec(t: SetTime) -> libc::timespec {
     }
 }
 
-/// True when `path` was not reported in the last minute (engine-wide), for warnings that
-/// a reconnecting client or a busy mount would otherwise repeat many times a second.
-fn first_in_a_while(path: &Path) -> bool {
-    static LAST: Mutex<Option<HashMap<PathBuf, std::time::Instant>>> = Mutex::new(None);
-    const QUIET: std::time::Duration = std::time::Duration::from_secs(60);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let last = last.get_or_insert_with(HashMap::new);
-    let now = std::time::Instant::now();
-    if last
-        .get(path)
-        .is_some_and(|t| now.duration_since(*t) < QUIET)
-    {
-        return false;
-    }
-    if last.len() >= 1024 {
-        last.retain(|_, t| now.duration_since(*t) < QUIET);
-        if last.len() >= 1024 {
-            last.clear();
-        }
-    }
-    last.insert(path.to_path_buf(), now);
-    true
-}
+/// Warnings a reconnecting client or a busy mount would otherwise repeat many times a
+/// second: each path once a minute, engine-wide.
+static PATH_WARNINGS: Throttle<PathBuf> = Throttle::new(std::time::Duration::from_secs(60));
 
 /// POSIX lock range from FUSE (`end` inclusive, OFFSET_MAX = to EOF) to a flock64.
 fn flock_of(l: &Lock) -> libc::flock64 {
@@ -737,7 +718,7 @@ impl FsServer {
         if self.policy.allows(ListType::Mount, &root) {
             return Ok(());
         }
-        if first_in_a_while(&root) {
+        if PATH_WARNINGS.due(root.clone()) {
             tracing::warn!(list = %ListType::Mount, path = %root.display(), "qtfs request on a mount whose [Mount] entry was removed: denied");
         }
         Err(Errno(libc::EACCES))
@@ -771,7 +752,7 @@ impl FsServer {
                 let real = std::fs::canonicalize(&lexical).map_err(Errno::from)?;
                 if !self.policy.allows(T::Mount, &real) {
                     // A mount that keeps reconnecting asks every few seconds: say it once a minute.
-                    if first_in_a_while(&real) {
+                    if PATH_WARNINGS.due(real.clone()) {
                         tracing::warn!(list = %T::Mount, path = %real.display(), "qtfs mount denied by allowlist: add it with `qtcfg -w mount -x <path>`");
                     }
                     return Err(Errno(libc::EACCES));

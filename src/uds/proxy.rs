@@ -1347,7 +1347,7 @@ async fn send_packet(fd: &AsyncFd<OwnedFd>, msg: &[u8], conn: &ConnGuard) -> io:
             Ok(Err(e)) if e.raw_os_error() == Some(libc::EMSGSIZE) && !grown => {
                 // A Unix socket refuses a message larger than its send buffer (about
                 // 208 KiB by default); the sender already had it sent, so make it fit.
-                fit_send_buffer(fd.as_raw_fd(), msg.len())?;
+                fit_send_buffer(fd.get_ref(), msg.len())?;
                 grown = true;
             }
             Ok(Err(e)) => return Err(e),
@@ -1358,24 +1358,10 @@ async fn send_packet(fd: &AsyncFd<OwnedFd>, msg: &[u8], conn: &ConnGuard) -> io:
 
 /// Grows `fd`'s send buffer so that one `len`-byte message fits: beyond
 /// `net.core.wmem_max` when the daemon may (CAP_NET_ADMIN), else up to it.
-fn fit_send_buffer(fd: std::os::fd::RawFd, len: usize) -> io::Result<()> {
-    let want = libc::c_int::try_from(len + 64 * 1024).unwrap_or(libc::c_int::MAX);
-    let mut last = io::Error::from_raw_os_error(libc::EMSGSIZE);
-    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: a c_int option value of its own size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&want as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        last = io::Error::last_os_error();
-    }
-    Err(last)
+fn fit_send_buffer(fd: &OwnedFd, len: usize) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let want = len + 64 * 1024;
+    setsockopt(fd, sockopt::SndBufForce, &want)
+        .or_else(|_| setsockopt(fd, sockopt::SndBuf, &want))
+        .map_err(io::Error::from)
 }
